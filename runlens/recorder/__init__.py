@@ -1,0 +1,1 @@
+"""The record side of runlens. Everything under this package may import torch."""

@@ -1,0 +1,66 @@
+"""Checkpoint loads, seen through state-dict hooks on the model, optimizer, scheduler and scaler.
+
+A load is recorded as a `checkpoint_load` event that names the object, so a resume that
+restores the weights but not the optimizer shows that in the run's events.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from runlens.recorder.optimizer_probe import count_state_tensors
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class CheckpointProbe:
+    def __init__(self, emit: EventSink) -> None:
+        # `emit` must not raise: the hooks run inside the user's load_state_dict calls.
+        self._emit = emit
+        self._handles: list[Any] = []
+        self._patched: list[Any] = []
+
+    def watch_model(self, model) -> None:
+        def after_load(module, incompatible_keys) -> None:
+            self._emit("checkpoint_load", {
+                "object": "model",
+                "missing_keys": len(incompatible_keys.missing_keys),
+                "unexpected_keys": len(incompatible_keys.unexpected_keys),
+            })
+        self._handles.append(model.register_load_state_dict_post_hook(after_load))
+
+    def watch_optimizer(self, optimizer) -> None:
+        def after_load(optimizer) -> None:
+            self._emit("checkpoint_load", {
+                "object": "optimizer",
+                "state_tensors": count_state_tensors(optimizer),
+            })
+        self._handles.append(optimizer.register_load_state_dict_post_hook(after_load))
+
+    def watch_by_method(self, obj, object_name: str) -> None:
+        """Wrap `obj.load_state_dict` on the instance, for classes with no load hook.
+
+        LR schedulers and GradScaler have no public load hook, so the instance gets a
+        wrapper that is deleted again when recording stops; the class is untouched.
+        """
+        original = obj.load_state_dict
+
+        @functools.wraps(original)
+        def load_state_dict(*args, **kwargs):
+            result = original(*args, **kwargs)
+            self._emit("checkpoint_load", {"object": object_name})
+            return result
+
+        obj.load_state_dict = load_state_dict
+        self._patched.append(obj)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for obj in self._patched:
+            try:
+                del obj.load_state_dict
+            except AttributeError:
+                pass
+        self._handles, self._patched = [], []
