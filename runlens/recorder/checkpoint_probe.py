@@ -43,24 +43,39 @@ class CheckpointProbe:
 
         LR schedulers and GradScaler have no public load hook, so the instance gets a
         wrapper that is deleted again when recording stops; the class is untouched.
+        An LR scheduler's `state_dict()` copies its instance `__dict__`, so the instance
+        also gets a `state_dict` wrapper that leaves both wrappers out: a checkpoint saved
+        while recording must not hold a local function, which `torch.save` cannot pickle.
         """
-        original = obj.load_state_dict
+        original_load = obj.load_state_dict
+        original_state_dict = obj.state_dict
 
-        @functools.wraps(original)
+        @functools.wraps(original_load)
         def load_state_dict(*args, **kwargs):
-            result = original(*args, **kwargs)
+            result = original_load(*args, **kwargs)
             self._emit("checkpoint_load", {"object": object_name})
             return result
 
+        @functools.wraps(original_state_dict)
+        def state_dict(*args, **kwargs):
+            state = original_state_dict(*args, **kwargs)
+            if isinstance(state, dict):
+                wrappers = (load_state_dict, state_dict)
+                state = {key: value for key, value in state.items()
+                         if not any(value is wrapper for wrapper in wrappers)}
+            return state
+
         obj.load_state_dict = load_state_dict
+        obj.state_dict = state_dict
         self._patched.append(obj)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         for obj in self._patched:
-            try:
-                del obj.load_state_dict
-            except AttributeError:
-                pass
+            for method in ("load_state_dict", "state_dict"):
+                try:
+                    delattr(obj, method)
+                except AttributeError:
+                    pass
         self._handles, self._patched = [], []

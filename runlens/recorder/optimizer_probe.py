@@ -41,7 +41,9 @@ class OptimizerProbe:
             optimizer.register_step_post_hook(self._guarded(self._after_step)),
         ]
         self.stepped = False
+        self.disabled = False
         self.measure_state_next_step = True
+        self._group_rows: list[dict[str, Any]] | None = None
         self._scalars: dict[str, Any] = {}
         self._param_rows: list[dict[str, Any]] = []
         self._before: list[torch.Tensor] | None = None
@@ -49,11 +51,15 @@ class OptimizerProbe:
 
     def _guarded(self, hook):
         # Optimizer hooks run inside the user's `optimizer.step()`, so nothing may escape.
+        # After the first error both hooks return at once, so a broken probe costs no time.
         def guarded_hook(optimizer, args, kwargs):
+            if self.disabled:
+                return
             try:
                 hook(optimizer, args, kwargs)
             except Exception as error:  # noqa: BLE001
                 self._before = None
+                self.disabled = True
                 self._on_error("optimizer probe", error)
         return guarded_hook
 
@@ -67,6 +73,9 @@ class OptimizerProbe:
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self.stepped = True
+        # The schedulers of most loops step right after the optimizer, so the learning
+        # rate that this step used is the one read here, not the one at `Recorder.step`.
+        self._group_rows = self._read_groups()
         params = self._params_with_grad()
         stats_step = self._is_stats_step()
         if self.measure_state_next_step or stats_step:
@@ -107,6 +116,14 @@ class OptimizerProbe:
         return scalars, rows
 
     def group_rows(self) -> list[dict[str, Any]]:
+        """Return lr and weight decay per param group as used by the last step.
+
+        A skipped step (AMP found inf) used none, so the current values are returned.
+        """
+        rows, self._group_rows = self._group_rows, None
+        return rows if rows is not None else self._read_groups()
+
+    def _read_groups(self) -> list[dict[str, Any]]:
         rows = []
         for index, group in enumerate(self.optimizer.param_groups):
             rows.append({"group": index, "lr": _number(group.get("lr")),

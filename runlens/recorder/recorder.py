@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -11,7 +12,7 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import pyarrow.parquet as pq
 import torch
@@ -53,6 +54,8 @@ class Recorder:
         strict: raise recorder errors into training instead of logging them (default
             False, for tests of the recorder itself).
         rank: this process's rank. Defaults to `torch.distributed`'s rank, or 0.
+        clock: the source of the `time` columns and run.json timestamps, in seconds since
+            the epoch (default `time.time`). A fake clock makes recordings reproducible.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, model: torch.nn.Module | None = None,
@@ -62,7 +65,7 @@ class Recorder:
                  param_stats_every: int = 100, task_probe_every: int = 100,
                  flush_every: int = 500, flush_seconds: float = 10.0,
                  step: int | None = None, strict: bool = False,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, clock: Callable[[], float] = time.time) -> None:
         for name, value in (("param_stats_every", param_stats_every),
                             ("task_probe_every", task_probe_every),
                             ("flush_every", flush_every)):
@@ -75,6 +78,7 @@ class Recorder:
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.rank = _default_rank() if rank is None else rank
+        self._clock = clock
         self.error_counts: dict[str, int] = {}
         self.closed = False
         self._disabled: set[str] = set()
@@ -97,7 +101,7 @@ class Recorder:
     def _open_run_dir(self, model, optimizer, scheduler, scaler, config, params, names,
                       step) -> tuple[int, int]:
         run_file = self.run_dir / run_format.RUN_FILE
-        started = datetime.now(timezone.utc).isoformat()
+        started = datetime.fromtimestamp(self._clock(), timezone.utc).isoformat()
         if run_file.exists():
             meta = json.loads(run_file.read_text())
             version = meta.get("format_version")
@@ -199,7 +203,7 @@ class Recorder:
         keys = {"step": step, "segment": self.segment, "rank": self.rank}
 
         # optimizer, clipping and AMP values of this step
-        row: dict[str, Any] = {**keys, "time": time.time()}
+        row: dict[str, Any] = {**keys, "time": self._clock()}
         param_rows: list[dict[str, Any]] = []
         if self._optimizer is not None and "optimizer probe" not in self._disabled:
             row["step_skipped"] = not self._optimizer.stepped
@@ -216,6 +220,8 @@ class Recorder:
             row["loss"] = _as_value(loss)
             if isinstance(row["loss"], torch.Tensor):
                 row["nonfinite_loss"] = (~torch.isfinite(row["loss"])).sum()
+            else:
+                row["nonfinite_loss"] = int(not math.isfinite(row["loss"]))
         for name, value in user_scalars.items():
             column = name if name not in run_format.RESERVED_SCALARS else f"user_{name}"
             row[column] = _as_value(value)
@@ -227,7 +233,7 @@ class Recorder:
         # a task probe that `probe_tasks` did not already run this step
         if losses and self._tasks is not None and self._is_task_probe_step() \
                 and self._tasks_probed_at != step and "task probe" not in self._disabled:
-            self._probe_tasks_now(losses)
+            self._probe_tasks_now(losses, loss_weights)
 
         # hand full buffers to the writer
         self.step_index += 1
@@ -250,22 +256,24 @@ class Recorder:
     def _is_task_probe_step(self) -> bool:
         return self.step_index % self.task_probe_every == 0
 
-    def probe_tasks(self, losses: Mapping[str, torch.Tensor]) -> None:
+    def probe_tasks(self, losses: Mapping[str, torch.Tensor],
+                    loss_weights: Mapping[str, float] | None = None) -> None:
         """Measure each task's gradient on the shared parameters, on probe steps only.
 
         Call it before `backward()`, with the raw task losses of the step about to be
-        recorded. On other steps it returns at once.
+        recorded, and the weights of the total loss. On other steps it returns at once.
         """
         if self.closed or self._tasks is None or "task probe" in self._disabled:
             return
         if not self._is_task_probe_step():
             return
-        self._probe_tasks_now(losses)
+        self._probe_tasks_now(losses, loss_weights or {})
 
-    def _probe_tasks_now(self, losses: Mapping[str, torch.Tensor]) -> None:
+    def _probe_tasks_now(self, losses: Mapping[str, torch.Tensor],
+                         loss_weights: Mapping[str, float]) -> None:
         try:
-            task_rows, pair_rows = self._tasks.measure(dict(losses))
-        except RuntimeError as error:
+            task_rows, pair_rows = self._tasks.measure(dict(losses), dict(loss_weights))
+        except Exception as error:  # noqa: BLE001 - probe_tasks runs in the training loop
             if "backward through the graph a second time" in str(error):
                 error = RuntimeError(
                     "the task losses no longer hold their graph; call rec.probe_tasks(losses) "
@@ -339,7 +347,7 @@ class Recorder:
     def _emit(self, kind: str, detail: dict[str, Any]) -> None:
         self._buffers["events"].add_row({
             "step": self.step_index, "segment": self.segment, "rank": self.rank,
-            "time": time.time(), "kind": kind,
+            "time": self._clock(), "kind": kind,
             "detail": json.dumps(model_info.json_value(detail), sort_keys=True),
         })
         if kind == run_format.EVENT_CHECKPOINT_LOAD and self._optimizer is not None:

@@ -11,8 +11,8 @@ import torch
 class TaskProbe:
     """Measures each task loss's gradient on the shared parameters.
 
-    For a task t with loss L_t and shared parameters theta, g_t = dL_t/dtheta flattened
-    into one vector. `grad_norm` is ||g_t||_2 and `cosine` is
+    For a task t with loss L_t, weight w_t and shared parameters theta,
+    g_t = d(w_t L_t)/dtheta flattened into one vector. `grad_norm` is ||g_t||_2 and `cosine` is
     <g_a, g_b> / (||g_a|| ||g_b||) for each pair of tasks. The gradients come from
     `torch.autograd.grad(..., retain_graph=True)`, so the probe must run while the losses
     still hold their graph (before `backward`, or after `backward(retain_graph=True)`),
@@ -22,10 +22,17 @@ class TaskProbe:
     def __init__(self, shared: list[torch.nn.Parameter]) -> None:
         self.shared = [param for param in shared if param.requires_grad]
 
-    def measure(self, losses: dict[str, torch.Tensor]) -> tuple[list[dict], list[dict]]:
+    def measure(self, losses: dict[str, torch.Tensor],
+                weights: dict[str, float]) -> tuple[list[dict], list[dict]]:
+        """Return task rows and task-pair rows for one step.
+
+        Each loss is multiplied by its weight (1 where none is given) first, so the norms
+        are those of the gradients that the tasks really send into the shared layers.
+        """
         flat: dict[str, torch.Tensor] = {}
         for task, loss in losses.items():
-            grads = torch.autograd.grad(loss, self.shared, retain_graph=True,
+            weighted = loss * float(weights.get(task, 1.0))
+            grads = torch.autograd.grad(weighted, self.shared, retain_graph=True,
                                         allow_unused=True)
             flat[task] = torch.cat([
                 (grad if grad is not None else torch.zeros_like(param)).reshape(-1).float()

@@ -1,0 +1,329 @@
+"""Record the sample runs: one per failure mode, plus healthy runs, from real CPU training.
+
+Each scenario trains a small model on synthetic data with the failure really induced
+(a clip norm far below the gradient norm, a class that becomes rare, a schedule that
+jumps, a resume without the optimizer state, a badly weighted task). Seeds, a single
+thread and a fake clock make the recorded values the same on every run of the script.
+
+    python sample_runs/generate.py              # all scenarios into sample_runs/
+    python sample_runs/generate.py --out DIR    # elsewhere
+    python sample_runs/generate.py NAME ...     # only the named scenarios
+
+Tests import `SCENARIOS` and record fresh runs with the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import runlens
+
+HERE = Path(__file__).resolve().parent
+FEATURES = 16
+
+
+class FakeClock:
+    """A clock that advances 10 ms per reading, so recorded times are reproducible."""
+
+    def __init__(self, start: float = 1_767_225_600.0) -> None:
+        self._ticks = itertools.count()
+        self._start = start
+
+    def __call__(self) -> float:
+        return self._start + 0.01 * next(self._ticks)
+
+
+def _options(**overrides) -> dict:
+    options = {"param_stats_every": 10, "task_probe_every": 5, "flush_every": 100,
+               "flush_seconds": 1e9, "clock": FakeClock()}
+    options.update(overrides)
+    return options
+
+
+def _seed(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    return torch.Generator().manual_seed(seed)
+
+
+def _classifier(classes: int, hidden: int = 32) -> nn.Module:
+    return nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.LayerNorm(hidden),
+                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+class Blobs:
+    """Gaussian class clusters in FEATURES dimensions that overlap, so class priors matter."""
+
+    def __init__(self, classes: int, generator: torch.Generator, spread: float = 1.6) -> None:
+        self.centers = torch.randn(classes, FEATURES, generator=generator) * 1.2
+        self.spread = spread
+        self.generator = generator
+        self.classes = classes
+
+    def sample(self, size: int, weights: torch.Tensor | None = None):
+        if weights is None:
+            weights = torch.ones(self.classes)
+        labels = torch.multinomial(weights, size, replacement=True, generator=self.generator)
+        noise = torch.randn(size, FEATURES, generator=self.generator) * self.spread
+        return self.centers[labels] + noise, labels
+
+
+def _train_classifier(run_dir: Path, *, steps: int, seed: int, make_optimizer,
+                      make_scheduler=None, clip: float | None = None, classes: int = 4,
+                      class_weights: Callable[[int], torch.Tensor | None] = lambda step: None,
+                      eval_every: int = 50, config: dict | None = None) -> None:
+    """Train a classifier on blobs with the recorder on; the common loop of most scenarios."""
+    generator = _seed(seed)
+    data = Blobs(classes, generator)
+    validation = data.sample(2000)
+    model = _classifier(classes)
+    optimizer = make_optimizer(model)
+    scheduler = make_scheduler(optimizer) if make_scheduler else None
+    train_targets, train_predictions = [], []
+    with runlens.record(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                        config=config or {}, **_options()) as rec:
+        for step in range(steps):
+            inputs, labels = data.sample(64, class_weights(step))
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            rec.step(loss)
+            train_targets.append(labels)
+            train_predictions.append(logits.detach().argmax(-1))
+            if (step + 1) % eval_every == 0:
+                _evaluate(rec, model, validation, classes)
+                rec.log_classes("train", torch.cat(train_targets), torch.cat(train_predictions),
+                                num_classes=classes)
+                train_targets, train_predictions = [], []
+
+
+def _evaluate(rec, model: nn.Module, validation, classes: int) -> None:
+    inputs, labels = validation
+    with torch.no_grad():
+        logits = model(inputs)
+    rec.log_eval("val", {"loss": F.cross_entropy(logits, labels),
+                         "accuracy": (logits.argmax(-1) == labels).float().mean()})
+    rec.log_classes("val", labels, logits, num_classes=classes)
+
+
+# -- failure scenarios --------------------------------------------------------------------
+
+def clipping_every_step(run_dir: Path, seed: int = 1) -> None:
+    """SGD with a learning rate 20x too high, kept stable only by a clip norm of 0.05.
+
+    The gradient norm of this model sits near 1, so every step is clipped.
+    """
+    _train_classifier(
+        run_dir, steps=400, seed=seed, clip=0.05,
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=2.0, momentum=0.9),
+        config={"scenario": "clipping-every-step"})
+
+
+def rare_class_collapse(run_dir: Path, seed: int = 2) -> None:
+    """Class 3 falls to 0.5% of training batches at step 300, and its recall collapses.
+
+    The training loss keeps falling because the remaining classes are easier.
+    """
+    def class_weights(step: int) -> torch.Tensor:
+        if step < 300:
+            return torch.ones(4)
+        return torch.tensor([1.0, 1.0, 1.0, 0.005])
+
+    _train_classifier(
+        run_dir, steps=800, seed=seed, class_weights=class_weights,
+        make_optimizer=lambda model: torch.optim.AdamW(model.parameters(), lr=3e-3),
+        config={"scenario": "rare-class-collapse"})
+
+
+def schedule_boundary_spike(run_dir: Path, seed: int = 3) -> None:
+    """A hand-written restart that jumps Adam's learning rate 100x at step 300."""
+    def factor(step: int) -> float:
+        return 1.0 if step < 300 else 100.0
+
+    _train_classifier(
+        run_dir, steps=450, seed=seed,
+        make_optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=1e-3),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
+        config={"scenario": "schedule-boundary-spike"})
+
+
+def optimizer_state_mismatch(run_dir: Path, seed: int = 4) -> None:
+    """Resume from a checkpoint that restores the weights but builds a fresh Adam.
+
+    The first segment trains 300 steps and saves model and optimizer state. The second
+    segment loads the weights only, so Adam's moments and step count restart at step 300.
+    """
+    _train_and_resume(run_dir, seed, restore_optimizer=False,
+                      scenario="optimizer-state-mismatch")
+
+
+def _train_and_resume(run_dir: Path, seed: int, *, restore_optimizer: bool,
+                      scenario: str) -> None:
+    generator = _seed(seed)
+    data = Blobs(4, generator)
+    validation = data.sample(2000)
+
+    def build():
+        model = _classifier(4)
+        optimizer = torch.optim.Adam(model.parameters(), lr=5e-3, betas=(0.9, 0.999))
+        return model, optimizer
+
+    def train(rec, model, optimizer, steps: range) -> None:
+        for step in steps:
+            inputs, labels = data.sample(64)
+            loss = F.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            rec.step(loss)
+            if (step + 1) % 50 == 0:
+                _evaluate(rec, model, validation, 4)
+
+    model, optimizer = build()
+    options = _options()
+    config = {"scenario": scenario}
+    with runlens.record(run_dir, model=model, optimizer=optimizer, config=config,
+                        **options) as rec:
+        train(rec, model, optimizer, range(0, 300))
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+    model, optimizer = build()
+    with runlens.record(run_dir, model=model, optimizer=optimizer, config=config,
+                        **options) as rec:
+        model.load_state_dict(checkpoint["model"])
+        if restore_optimizer:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        train(rec, model, optimizer, range(300, 500))
+
+
+def task_gradient_imbalance(run_dir: Path, seed: int = 5) -> None:
+    """A regression task weighted 50x beside a classification task on a shared backbone."""
+    _train_two_tasks(run_dir, seed, regression_weight=50.0, target_scale=10.0,
+                     scenario="task-gradient-imbalance")
+
+
+class TwoTaskModel(nn.Module):
+    def __init__(self, classes: int = 4, hidden: int = 32) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(),
+                                      nn.Linear(hidden, hidden), nn.ReLU())
+        self.classify = nn.Linear(hidden, classes)
+        self.regress = nn.Linear(hidden, 1)
+
+    def forward(self, inputs):
+        features = self.backbone(inputs)
+        return self.classify(features), self.regress(features).squeeze(-1)
+
+
+def _train_two_tasks(run_dir: Path, seed: int, *, regression_weight: float,
+                     target_scale: float, scenario: str, steps: int = 400) -> None:
+    generator = _seed(seed)
+    data = Blobs(4, generator)
+    direction = torch.randn(FEATURES, generator=generator) / FEATURES ** 0.5
+    model = TwoTaskModel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    weights = {"classification": 1.0, "regression": regression_weight}
+    with runlens.record(run_dir, model=model, optimizer=optimizer,
+                        shared_params=model.backbone, config={"scenario": scenario},
+                        **_options()) as rec:
+        for step in range(steps):
+            inputs, labels = data.sample(64)
+            targets = target_scale * (inputs @ direction + 0.3 * labels.float())
+            logits, predictions = model(inputs)
+            losses = {"classification": F.cross_entropy(logits, labels),
+                      "regression": F.mse_loss(predictions, targets)}
+            rec.probe_tasks(losses, weights)
+            total = sum(weights[task] * loss for task, loss in losses.items())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            rec.step(total, losses=losses, loss_weights=weights)
+
+
+# -- healthy scenarios --------------------------------------------------------------------
+
+def healthy_adamw_warmup_cosine(run_dir: Path, seed: int = 11) -> None:
+    """AdamW with linear warmup then cosine decay, clipping at 1.0, balanced classes."""
+    steps, warmup = 600, 60
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [
+            torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps - warmup),
+        ], milestones=[warmup])
+
+    _train_classifier(
+        run_dir, steps=steps, seed=seed, clip=1.0, make_scheduler=schedule,
+        make_optimizer=lambda model: torch.optim.AdamW(model.parameters(), lr=3e-3,
+                                                       weight_decay=0.01),
+        config={"scenario": "healthy"})
+
+
+def healthy_sgd_step_decay(run_dir: Path, seed: int = 12) -> None:
+    """SGD with momentum and a 10x step decay at steps 200 and 400."""
+    _train_classifier(
+        run_dir, steps=600, seed=seed, clip=5.0,
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, [200, 400], 0.1),
+        config={"scenario": "healthy"})
+
+
+def healthy_resume(run_dir: Path, seed: int = 13) -> None:
+    """The resume of `optimizer_state_mismatch`, done right: weights and Adam state restored."""
+    _train_and_resume(run_dir, seed, restore_optimizer=True, scenario="healthy")
+
+
+def healthy_two_tasks(run_dir: Path, seed: int = 14) -> None:
+    """Classification and regression with weights that give comparable task gradients."""
+    _train_two_tasks(run_dir, seed, regression_weight=1.0, target_scale=1.0,
+                     scenario="healthy")
+
+
+SCENARIOS: dict[str, Callable[[Path], None]] = {
+    "clipping-every-step": clipping_every_step,
+    "rare-class-collapse": rare_class_collapse,
+    "schedule-boundary-spike": schedule_boundary_spike,
+    "optimizer-state-mismatch": optimizer_state_mismatch,
+    "task-gradient-imbalance": task_gradient_imbalance,
+    "healthy-adamw-warmup-cosine": healthy_adamw_warmup_cosine,
+    "healthy-sgd-step-decay": healthy_sgd_step_decay,
+    "healthy-resume": healthy_resume,
+    "healthy-two-tasks": healthy_two_tasks,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="scenarios to record (default: all)")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for the run directories")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    for name in args.names or SCENARIOS:
+        run_dir = args.out / name
+        # A run directory is append-only, so a regenerated run starts from an empty folder.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        SCENARIOS[name](run_dir)
+        print(f"recorded {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
