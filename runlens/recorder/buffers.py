@@ -40,6 +40,13 @@ class PendingPart:
                 event.synchronize()
             values = np.full(self.row_count, math.nan, dtype=np.float64)
             mask = np.ones(self.row_count, dtype=bool)
+            # A column may mix host numbers and tensors (a float loss on one step and a
+            # tensor on the next, or metrics of both kinds in one `log_eval`), so the host
+            # values fill the rows that no tensor covers.
+            for row, value in enumerate(self.host_columns.get(name, ())):
+                if value is not None:
+                    values[row] = float(value)
+                    mask[row] = False
             values[rows] = tensor.numpy().astype(np.float64)
             mask[rows] = False
             arrow_type = _arrow_type(known_types.get(name), None)

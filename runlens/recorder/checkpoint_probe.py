@@ -43,9 +43,9 @@ class CheckpointProbe:
 
         LR schedulers and GradScaler have no public load hook, so the instance gets a
         wrapper that is deleted again when recording stops; the class is untouched.
-        An LR scheduler's `state_dict()` copies its instance `__dict__`, so the instance
-        also gets a `state_dict` wrapper that leaves both wrappers out: a checkpoint saved
-        while recording must not hold a local function, which `torch.save` cannot pickle.
+        An LR scheduler's `state_dict()` copies its instance `__dict__`, so it would
+        return the wrapper, a local function that `torch.save` cannot pickle. The instance
+        therefore also gets a `state_dict` wrapper that leaves both wrappers out.
         """
         original_load = obj.load_state_dict
         original_state_dict = obj.state_dict
