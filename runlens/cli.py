@@ -1,0 +1,228 @@
+"""The ``runlens`` command line: analyze a run, list and check rule files.
+
+Exit codes: 0 when no finding is at or above --fail-on, 1 when one is, 2 on bad input
+(a usage error, a bad run directory or rule file, or a rule whose query failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import runlens
+from runlens.analyze import (
+    Run,
+    RunlensError,
+    apply_overrides,
+    evaluate,
+    load_rule_file,
+    load_rules,
+)
+from runlens.analyze.errors import EXIT_INPUT_ERROR
+from runlens.analyze.rules import Rule, duplicate_id_problems, find_rule_files
+from runlens.reports import render
+
+app = typer.Typer(
+    name="runlens",
+    help="Find training-dynamics failures in PyTorch runs.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+rules_app = typer.Typer(
+    help="List and check rule files.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(rules_app, name="rules")
+
+
+class ReportFormat(str, Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+class FailOn(str, Enum):
+    error = "error"
+    warning = "warning"
+    info = "info"
+    never = "never"
+
+
+RulesOption = Annotated[
+    Optional[list[Path]],
+    typer.Option(
+        "--rules",
+        metavar="PATH",
+        help="Rule file or folder (searched for *.yaml and *.yml) to load. Repeatable.",
+    ),
+]
+
+
+@contextlib.contextmanager
+def _input_errors() -> Iterator[None]:
+    """Turn a RunlensError into ``runlens: error:`` lines on stderr and exit code 2."""
+    try:
+        yield
+    except RunlensError as error:
+        _print_errors(error.lines)
+        raise typer.Exit(error.exit_code) from None
+
+
+def _print_errors(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(f"runlens: error: {line}", err=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"runlens {runlens.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Find training-dynamics failures in PyTorch runs."""
+
+
+@app.command()
+def analyze(
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="Run directory that the recorder wrote.")
+    ],
+    rules: RulesOption = None,
+    no_builtin: Annotated[
+        bool, typer.Option("--no-builtin", help="Do not load the built-in rules.")
+    ] = False,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set",
+            metavar="RULE.PARAM=VALUE",
+            help="Set a rule parameter, such as clipping-every-step.window=200. Repeatable.",
+        ),
+    ] = None,
+    report_format: Annotated[
+        ReportFormat, typer.Option("--format", help="Report format.")
+    ] = ReportFormat.text,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write the report to this file, not stdout."),
+    ] = None,
+    fail_on: Annotated[
+        FailOn,
+        typer.Option(
+            "--fail-on", help="Exit 1 when a finding has this severity or a higher one."
+        ),
+    ] = FailOn.error,
+    skip_corrupt: Annotated[
+        bool,
+        typer.Option(
+            "--skip-corrupt",
+            help="Skip Parquet parts that do not read, and list them as report warnings.",
+        ),
+    ] = False,
+) -> None:
+    """Analyze a run directory and report the failures that the rules find."""
+    with _input_errors():
+        loaded = apply_overrides(load_rules(rules or [], builtin=not no_builtin), overrides or [])
+        if output is not None:
+            _check_output_outside_run(output, run_dir)
+        with Run.open(run_dir, skip_corrupt=skip_corrupt) as run:
+            report = evaluate(run, loaded)
+        text = render(report, report_format.value, fail_on.value)
+        _write_report(text, output)
+
+    _print_errors([f"rule '{f.rule_id}': {f.error}" for f in report.errored])
+    raise typer.Exit(report.exit_code(fail_on.value))
+
+
+def _check_output_outside_run(output: Path, run_dir: Path) -> None:
+    if output.resolve().is_relative_to(run_dir.resolve()):
+        raise RunlensError(
+            f"--output {output}: is inside the run directory {run_dir}, which the analyzer "
+            "never modifies; write the report to another folder"
+        )
+
+
+def _write_report(text: str, output: Optional[Path]) -> None:
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise RunlensError(f"--output {output}: cannot write the report: {error}") from None
+
+
+@rules_app.command("list")
+def list_rules(
+    rules: RulesOption = None,
+    no_builtin: Annotated[
+        bool, typer.Option("--no-builtin", help="Do not list the built-in rules.")
+    ] = False,
+) -> None:
+    """List the loaded rules: id, severity, category and title."""
+    with _input_errors():
+        loaded = load_rules(rules or [], builtin=not no_builtin)
+    typer.echo(_rule_table(loaded), nl=False)
+
+
+def _rule_table(rules: list[Rule]) -> str:
+    rows = [("ID", "SEVERITY", "CATEGORY", "TITLE")]
+    rows += [(r.id, r.severity, r.category, r.title) for r in sorted(rules, key=lambda r: r.id)]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3]
+        for row in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@rules_app.command("check")
+def check_rules(
+    paths: Annotated[
+        list[Path], typer.Argument(metavar="PATH...", help="Rule files or folders to validate.")
+    ],
+) -> None:
+    """Validate rule files: print OK per valid rule, or each problem, and exit 0 or 2."""
+    valid: list[Rule] = []
+    problems: list[str] = []
+    for path in paths:
+        try:
+            files = find_rule_files(path)
+        except RunlensError as error:
+            problems += error.lines
+            continue
+        if not files:
+            problems.append(f"{path}: no .yaml or .yml rule files found")
+        for file in files:
+            try:
+                rule = load_rule_file(file)
+            except RunlensError as error:
+                problems += error.lines
+                continue
+            valid.append(rule)
+            typer.echo(f"OK {file}: rule '{rule.id}'")
+    problems += duplicate_id_problems(valid)
+    _print_errors(problems)
+    raise typer.Exit(EXIT_INPUT_ERROR if problems else 0)
+
+
+def main() -> None:
+    """Run the command line. Usage errors exit 2, as click's UsageError does."""
+    app()

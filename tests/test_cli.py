@@ -1,0 +1,270 @@
+"""The runlens command line: exit codes, options, rule commands, and what it never touches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import runlens
+from runlens import format as fmt
+from runlens.cli import app
+from conftest import RULES_FIXTURES, make_rule, tree_digest, write_rule
+
+LOSS_RULE = str(RULES_FIXTURES / "loss-above-threshold.yaml")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def analyze(run_dir: Path, *args: str):
+    return invoke("analyze", run_dir, "--no-builtin", "--rules", LOSS_RULE, *args)
+
+
+def test_analyze_exit_0_without_findings(healthy_run: Path) -> None:
+    result = analyze(healthy_run)
+    assert result.exit_code == 0, result.output
+    assert "Passed (1)" in result.stdout
+    assert result.stderr == ""
+
+
+def test_analyze_exit_1_with_error_finding(spiking_run: Path) -> None:
+    result = analyze(spiking_run)
+    assert result.exit_code == 1, result.output
+    assert "ERROR (2)" in result.stdout
+
+
+@pytest.mark.parametrize(("fail_on", "exit_code"), [("never", 0), ("warning", 1), ("info", 1)])
+def test_analyze_fail_on(spiking_run: Path, fail_on: str, exit_code: int) -> None:
+    result = analyze(spiking_run, "--fail-on", fail_on)
+    assert result.exit_code == exit_code, result.output
+
+
+def test_analyze_fail_on_error_ignores_warnings(spiking_run: Path, tmp_path: Path) -> None:
+    rule = write_rule(tmp_path / "rules", make_rule(severity="warning"))
+    args = ["analyze", spiking_run, "--no-builtin", "--rules", rule]
+    assert invoke(*args).exit_code == 0
+    assert invoke(*args, "--fail-on", "warning").exit_code == 1
+
+
+def test_analyze_missing_run_dir(tmp_path: Path) -> None:
+    result = analyze(tmp_path / "missing")
+    assert result.exit_code == 2
+    assert result.stderr == f"runlens: error: {tmp_path / 'missing'}: run directory not found\n"
+    assert "Traceback" not in result.output
+
+
+def test_analyze_not_a_run_dir(tmp_path: Path) -> None:
+    result = analyze(tmp_path)
+    assert result.exit_code == 2
+    assert "not a runlens run directory (no run.json)" in result.stderr
+
+
+def test_analyze_corrupt_part(spiking_run: Path) -> None:
+    bad = spiking_run / "scalars" / "rank-0" / fmt.part_name(0, 7)
+    bad.write_bytes(b"PAR1 not really")
+    result = analyze(spiking_run)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"runlens: error: {bad}: corrupt Parquet part")
+    assert "--skip-corrupt" in result.stderr
+
+
+def test_analyze_skip_corrupt(spiking_run: Path) -> None:
+    bad = spiking_run / "scalars" / "rank-0" / fmt.part_name(0, 7)
+    bad.write_bytes(b"PAR1 not really")
+    result = analyze(spiking_run, "--skip-corrupt", "--format", "json")
+    assert result.exit_code == 1, result.output
+    warnings = json.loads(result.stdout)["warnings"]
+    assert len(warnings) == 1
+    assert str(bad) in warnings[0]
+
+
+def test_analyze_empty_run(tmp_path: Path) -> None:
+    (tmp_path / fmt.RUN_FILE).write_text(json.dumps({"format_version": fmt.FORMAT_VERSION}))
+    result = analyze(tmp_path)
+    assert result.exit_code == 2
+    assert "run has no recorded steps" in result.stderr
+
+
+def test_analyze_bad_rule_file(healthy_run: Path, tmp_path: Path) -> None:
+    rule = write_rule(tmp_path / "rules", make_rule(id="foo", severity="fatal"))
+    result = invoke("analyze", healthy_run, "--no-builtin", "--rules", rule)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"runlens: error: {rule}: rule 'foo': field 'severity': 'fatal' is not one of "
+        "error, warning, info\n"
+    )
+
+
+def test_analyze_rule_runtime_error(healthy_run: Path) -> None:
+    result = invoke("analyze", healthy_run, "--no-builtin", "--rules",
+                    RULES_FIXTURES / "read-passwd.yaml", "--fail-on", "never")
+    assert result.exit_code == 2
+    assert "runlens: error: rule 'read-outside-run': query failed: Permission Error" in (
+        result.stderr
+    )
+    assert "Rule errors (1)" in result.stdout
+
+
+def test_analyze_unknown_option_is_usage_error(healthy_run: Path) -> None:
+    result = analyze(healthy_run, "--no-such-option")
+    assert result.exit_code == 2
+    assert "No such option: --no-such-option" in result.stderr
+
+
+def test_analyze_bad_format_lists_choices(healthy_run: Path) -> None:
+    result = analyze(healthy_run, "--format", "xml")
+    assert result.exit_code == 2
+    assert "'xml' is not one of 'text', 'json', 'markdown'" in result.stderr
+
+
+def test_analyze_bad_fail_on(healthy_run: Path) -> None:
+    result = analyze(healthy_run, "--fail-on", "fatal")
+    assert result.exit_code == 2
+    assert "'fatal' is not one of 'error', 'warning', 'info', 'never'" in result.stderr
+
+
+def test_analyze_set_override(healthy_run: Path) -> None:
+    result = analyze(healthy_run, "--set", "loss-above-threshold.threshold=1.95",
+                     "--format", "json")
+    assert result.exit_code == 1, result.output
+    steps = [f["step_start"] for f in json.loads(result.stdout)["findings"]]
+    assert steps == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("loss-above-threshold.threshold=abc", "param 'threshold' expects a finite number"),
+        ("loss-above-threshold.window=3", "has no param 'window'; params: threshold"),
+        ("other-rule.threshold=3", "unknown rule 'other-rule'; rules: loss-above-threshold"),
+    ],
+)
+def test_analyze_set_rejected(healthy_run: Path, override: str, problem: str) -> None:
+    result = analyze(healthy_run, "--set", override)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"runlens: error: --set {override}: ")
+    assert problem in result.stderr
+
+
+@pytest.mark.parametrize("report_format", ["json", "markdown", "text"])
+def test_analyze_output_file(spiking_run: Path, tmp_path: Path, report_format: str) -> None:
+    output = tmp_path / f"report.{report_format}"
+    result = analyze(spiking_run, "--format", report_format, "-o", output)
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert "loss-above-threshold" in output.read_text()
+
+
+def test_analyze_output_inside_run_rejected(spiking_run: Path) -> None:
+    result = analyze(spiking_run, "--output", spiking_run / "report.json")
+    assert result.exit_code == 2
+    assert "is inside the run directory" in result.stderr
+    assert not (spiking_run / "report.json").exists()
+
+
+@pytest.mark.parametrize("report_format", ["text", "json", "markdown"])
+def test_analyze_leaves_run_dir_unchanged(
+    spiking_run: Path, monkeypatch: pytest.MonkeyPatch, report_format: str
+) -> None:
+    before = tree_digest(spiking_run)
+    monkeypatch.chdir(spiking_run)
+    result = invoke("analyze", ".", "--rules", RULES_FIXTURES, "--format", report_format,
+                    "--fail-on", "never")
+    assert result.exit_code == 2, result.output  # read-outside-run fails in the sandbox
+    assert tree_digest(spiking_run) == before
+    assert sorted(p.name for p in spiking_run.iterdir()) == ["run.json", "scalars"]
+
+
+def test_analyze_with_builtin_rules(healthy_run: Path) -> None:
+    result = invoke("analyze", healthy_run, "--format", "json")
+    assert result.exit_code in (0, 1), result.output
+    assert json.loads(result.stdout)["summary"]["errored"] == 0
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"runlens {runlens.__version__}\n"
+
+
+def test_rules_list_sorted_by_id() -> None:
+    result = invoke("rules", "list", "--no-builtin", "--rules", RULES_FIXTURES)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["ID", "SEVERITY", "CATEGORY", "TITLE"]
+    assert lines[1].split()[:3] == ["amp-scale-collapsed", "warning", "test"]
+    assert len(lines) == 5
+
+
+def test_rules_check_ok() -> None:
+    result = invoke("rules", "check", RULES_FIXTURES)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("OK ") == 4
+    assert f"OK {RULES_FIXTURES / 'read-passwd.yaml'}: rule 'read-outside-run'" in result.stdout
+
+
+def test_rules_check_reports_each_problem(tmp_path: Path) -> None:
+    good = write_rule(tmp_path, make_rule(id="good"))
+    bad = write_rule(tmp_path, make_rule(id="bad", query="CREATE TABLE t AS SELECT $threshold"))
+    write_rule(tmp_path, make_rule(id="good"), name="copy.yaml")
+    result = invoke("rules", "check", tmp_path)
+    assert result.exit_code == 2
+    assert f"OK {good}: rule 'good'" in result.stdout
+    assert f"runlens: error: {bad}: rule 'bad': field 'query': is a CREATE statement" in (
+        result.stderr
+    )
+    assert "field 'id': also defined in" in result.stderr
+
+
+def test_rules_check_missing_path(tmp_path: Path) -> None:
+    result = invoke("rules", "check", tmp_path / "nope.yaml")
+    assert result.exit_code == 2
+    assert "nope.yaml: rule file or folder not found" in result.stderr
+
+
+def run_module(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "runlens"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+
+
+def test_module_exit_codes(healthy_run: Path, spiking_run: Path, tmp_path: Path) -> None:
+    common = ["--no-builtin", "--rules", LOSS_RULE]
+    assert run_module("analyze", str(healthy_run), *common).returncode == 0
+    assert run_module("analyze", str(spiking_run), *common).returncode == 1
+    missing = run_module("analyze", str(tmp_path / "missing"), *common)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("runlens: error: ")
+    assert "Traceback" not in missing.stderr
+    assert run_module("analyze", str(healthy_run), "--bogus").returncode == 2
+
+
+BLOCK_TORCH = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+from runlens.cli import main
+sys.argv = ["runlens", *sys.argv[1:]]
+try:
+    main()
+finally:
+    loaded = sorted(name for name in sys.modules if name.split(".")[0] == "torch")
+    print("torch modules:", loaded, file=sys.stderr)
+"""
+
+
+def test_analyze_without_torch(spiking_run: Path) -> None:
+    result = run_module("analyze", str(spiking_run), "--rules", str(RULES_FIXTURES),
+                        "--format", "json", "--fail-on", "never", code=BLOCK_TORCH)
+    assert result.returncode == 2, result.stderr  # read-outside-run fails in the sandbox
+    assert "torch modules: ['torch']" in result.stderr
+    assert "ImportError" not in result.stderr
+    findings = json.loads(result.stdout)["findings"]
+    assert {f["rule_id"] for f in findings} == {"loss-above-threshold"}
