@@ -1,0 +1,147 @@
+"""The built-in rules on recorded runs: each fires on its failure and on no healthy run.
+
+The sample runs in `sample_runs/` are checked as committed, and each scenario is also
+recorded again here from real training, so a rule is tested on a run made by the
+current recorder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runlens.analyze import Run, evaluate, load_rules
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_RUNS = ROOT / "sample_runs"
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("sample_runs_generate",
+                                                  SAMPLE_RUNS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate = _load_generator()
+FAILURES = [name for name in generate.SCENARIOS if not name.startswith("healthy-")]
+HEALTHY = [name for name in generate.SCENARIOS if name.startswith("healthy-")]
+
+# The finding each failure scenario must produce: (rule id, first step, last step).
+EXPECTED = {
+    "clipping-every-step": ("clipping-every-step", 0, 399),
+    "rare-class-collapse": ("rare-class-collapse", 349, 799),
+    "schedule-boundary-spike": ("schedule-boundary-spike", 300, 309),
+    "optimizer-state-mismatch": ("optimizer-state-mismatch", 300, 300),
+    "task-gradient-imbalance": ("task-gradient-imbalance", 0, 395),
+}
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return load_rules()
+
+
+@pytest.fixture(scope="module")
+def fresh_runs(tmp_path_factory) -> dict[str, Path]:
+    """Record every scenario once for this module, from real training."""
+    folder = tmp_path_factory.mktemp("fresh_runs")
+    runs = {}
+    for name, scenario in generate.SCENARIOS.items():
+        scenario(folder / name)
+        runs[name] = folder / name
+    return runs
+
+
+def _findings(run_dir: Path, rules) -> list:
+    with Run.open(run_dir) as run:
+        report = evaluate(run, rules)
+    assert report.errored == []
+    return report.findings
+
+
+def test_every_failure_scenario_has_expectation() -> None:
+    assert sorted(EXPECTED) == sorted(FAILURES)
+
+
+def test_every_builtin_rule_has_scenario(rules) -> None:
+    assert sorted(rule.id for rule in rules) == sorted(rule_id for rule_id, _, _ in
+                                                       EXPECTED.values())
+
+
+@pytest.mark.parametrize("name", FAILURES)
+def test_rule_fires_on_sample_run(name: str, rules) -> None:
+    keys = [finding.key for finding in _findings(SAMPLE_RUNS / name, rules)]
+    assert EXPECTED[name] in keys
+
+
+@pytest.mark.parametrize("name", FAILURES)
+def test_rule_fires_on_fresh_run(name: str, rules, fresh_runs) -> None:
+    rule_ids = [finding.rule_id for finding in _findings(fresh_runs[name], rules)]
+    assert EXPECTED[name][0] in rule_ids
+
+
+@pytest.mark.parametrize("name", FAILURES)
+def test_failure_run_has_no_unrelated_error(name: str, rules) -> None:
+    unrelated = [finding.key for finding in _findings(SAMPLE_RUNS / name, rules)
+                 if finding.rule_id != EXPECTED[name][0]]
+    assert unrelated == []
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_rules_silent_on_healthy_sample_run(name: str, rules) -> None:
+    assert [finding.key for finding in _findings(SAMPLE_RUNS / name, rules)] == []
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_rules_silent_on_healthy_fresh_run(name: str, rules, fresh_runs) -> None:
+    assert [finding.key for finding in _findings(fresh_runs[name], rules)] == []
+
+
+@pytest.mark.parametrize("name", FAILURES)
+def test_failure_rule_evaluated_on_healthy_runs(name: str, rules) -> None:
+    """A rule is silent on a healthy run because it looked, not because data was missing.
+
+    Each rule must be evaluated on at least one healthy run.
+    """
+    rule_id = EXPECTED[name][0]
+    evaluated_on = []
+    for healthy in HEALTHY:
+        with Run.open(SAMPLE_RUNS / healthy) as run:
+            report = evaluate(run, rules)
+        if rule_id in report.passed:
+            evaluated_on.append(healthy)
+    assert evaluated_on != []
+
+
+def test_sample_runs_fit_size_budget() -> None:
+    size = sum(file.stat().st_size for file in SAMPLE_RUNS.rglob("*") if file.is_file())
+    assert size < 10 * 2**20
+
+
+def test_sample_run_regenerates_same_values(fresh_runs) -> None:
+    """The generator is deterministic: a fresh recording equals the committed run."""
+    for name in ("healthy-resume", "schedule-boundary-spike"):
+        committed = _scalars(SAMPLE_RUNS / name)
+        fresh = _scalars(fresh_runs[name])
+        assert committed.column_names == fresh.column_names
+        assert committed.to_pylist() == fresh.to_pylist()
+
+
+def test_sample_run_metadata_matches(fresh_runs) -> None:
+    committed = json.loads((SAMPLE_RUNS / "healthy-resume" / "run.json").read_text())
+    fresh = json.loads((fresh_runs["healthy-resume"] / "run.json").read_text())
+    for field in ("params", "optimizer", "config", "settings"):
+        assert committed[field] == fresh[field]
+
+
+def _scalars(run_dir: Path):
+    parts = sorted((run_dir / "scalars").glob("rank-*/part-*.parquet"))
+    tables = [pq.read_table(part) for part in parts]
+    return pa.concat_tables(tables, promote_options="default").sort_by("step")
