@@ -19,7 +19,10 @@ _STATE_NORM_KEYS = {
 
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Return the 2-norm of each tensor as one float32 vector."""
-    return torch.stack([norm.float() for norm in torch._foreach_norm(tensors)])
+    norms = torch._foreach_norm(tensors)
+    if all(norm.dtype == torch.float32 for norm in norms):
+        return torch.stack(norms)
+    return torch.stack([norm.float() for norm in norms])
 
 
 class OptimizerProbe:
