@@ -151,7 +151,7 @@ def rare_class_collapse(run_dir: Path, seed: int = 2) -> None:
 
 
 def schedule_boundary_spike(run_dir: Path, seed: int = 3) -> None:
-    """A hand-written restart that jumps Adam's learning rate 100x at step 300."""
+    """Train with a hand-written restart that jumps Adam's learning rate 100x at step 300."""
     def factor(step: int) -> float:
         return 1.0 if step < 300 else 100.0
 
@@ -212,7 +212,7 @@ def _train_and_resume(run_dir: Path, seed: int, *, restore_optimizer: bool,
 
 
 def task_gradient_imbalance(run_dir: Path, seed: int = 5) -> None:
-    """A regression task weighted 50x beside a classification task on a shared backbone."""
+    """Train a regression task weighted 50x beside a classification task on a shared backbone."""
     _train_two_tasks(run_dir, seed, regression_weight=50.0, target_scale=10.0,
                      scenario="task-gradient-imbalance")
 
@@ -285,7 +285,7 @@ def healthy_sgd_step_decay(run_dir: Path, seed: int = 12) -> None:
 
 
 def healthy_resume(run_dir: Path, seed: int = 13) -> None:
-    """The resume of `optimizer_state_mismatch`, done right: weights and Adam state restored."""
+    """Resume as `optimizer_state_mismatch` does, but restore the weights and Adam's state."""
     _train_and_resume(run_dir, seed, restore_optimizer=True, scenario="healthy")
 
 

@@ -124,7 +124,9 @@ def _copy_to_host(entries: list[tuple[int, torch.Tensor]]) -> tuple[list[int], t
     if stacked.device.type != "cuda":
         return rows, stacked.cpu(), None
     # A copy into pinned memory with non_blocking=True returns at once. The writer thread
-    # waits on the event, so the training thread never blocks on the transfer.
+    # waits on the event, so the training thread does not wait for the transfer.
+    # NOTE: no GPU was available where this was written, so this CUDA path has not been
+    # run. The tests cover the CPU path above.
     host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
     host.copy_(stacked, non_blocking=True)
     event = torch.cuda.Event()
