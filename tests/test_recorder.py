@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import runlens
+from runlens.analyze import Run, evaluate, load_rules
 from runlens import format as run_format
 from runlens.recorder import optimizer_probe
 from runlens.recorder.task_probe import TaskProbe
@@ -604,6 +605,14 @@ def test_killed_run_keeps_flushed_steps(tmp_path):
     assert steps == list(range(len(steps)))
     assert duckdb_steps[0] == len(steps)
     assert all(pq.read_metadata(file).num_rows > 0 for file in part_files(run_dir, "params"))
+
+    # The analyzer reads the killed run and evaluates the built-in rules on it.
+    with Run.open(run_dir) as run:
+        report = evaluate(run, load_rules())
+        summary = run.summary()
+    assert summary.steps == len(steps)
+    assert report.errored == []
+    assert "optimizer-state-mismatch" in report.passed
 
 
 # -- host-device synchronization ----------------------------------------------------------
