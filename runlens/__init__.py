@@ -18,9 +18,18 @@ def record(run_dir: str, **options: Any) -> "Recorder":
     """Open a run directory for recording and return the `Recorder`.
 
     Use it as a context manager around the training loop. The keyword arguments are
-    those of `runlens.recorder.recorder.Recorder`.
+    those of `runlens.recorder.recorder.Recorder`. Raises ModuleNotFoundError when torch
+    is not installed.
     """
-    from runlens.recorder.recorder import Recorder
+    try:
+        from runlens.recorder.recorder import Recorder
+    except ModuleNotFoundError as error:
+        if error.name != "torch" and not (error.name or "").startswith("torch."):
+            raise
+        raise ModuleNotFoundError(
+            "runlens.record needs torch, which is not installed. Install it with "
+            "pip install 'runlens[torch]'. The analyzer (runlens analyze) works without it.",
+            name="torch") from error
 
     return Recorder(run_dir, **options)
 

@@ -74,6 +74,15 @@ def _order_columns(arrays: dict[str, pa.Array], known: dict[str, str]) -> dict[s
     return ordered
 
 
+_HOST_CONVERTERS = {
+    "int32": int,
+    "int64": int,
+    "float64": float,
+    "bool": bool,
+    "string": str,
+}
+
+
 @dataclass
 class TableBuffer:
     """Rows of one table since the last flush."""
@@ -84,19 +93,52 @@ class TableBuffer:
     device_values: dict[str, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
 
     def add_row(self, values: dict[str, Any]) -> None:
-        row = self.row_count
+        """Append one row, where None stands for a null.
+
+        Every value is converted before the first column changes, so a value that the
+        column cannot store raises ValueError and leaves the buffer as it was.
+        """
+        known_types = run_format.TABLES.get(self.table, {})
+        device_values: list[tuple[str, torch.Tensor]] = []
+        host_values: list[tuple[str, Any]] = []
         for name, value in values.items():
             if value is None:
                 continue
             if isinstance(value, torch.Tensor):
-                self.device_values.setdefault(name, []).append((row, value.detach().reshape(())))
+                device_values.append((name, self._device_value(name, value)))
             else:
-                column = self.host_columns.setdefault(name, [None] * row)
-                column.append(value)
+                host_values.append((name, self._host_value(name, known_types.get(name), value)))
+
+        row = self.row_count
+        for name, tensor in device_values:
+            self.device_values.setdefault(name, []).append((row, tensor))
+        for name, value in host_values:
+            self.host_columns.setdefault(name, [None] * row).append(value)
         self.row_count += 1
         for column in self.host_columns.values():
             if len(column) < self.row_count:
                 column.append(None)
+
+    def _device_value(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        # Only metadata is read here, so the check does not synchronize with the device.
+        if tensor.numel() != 1 or tensor.dtype.is_complex or tensor.layout != torch.strided:
+            raise ValueError(f"{self.table} column {name!r} takes a real one-element dense "
+                             f"tensor, got shape {tuple(tensor.shape)}, dtype {tensor.dtype} "
+                             f"and layout {tensor.layout}")
+        return tensor.detach().reshape(())
+
+    def _host_value(self, name: str, type_name: str | None, value: Any) -> Any:
+        # A value that does not fit its Arrow type would fail the whole part at the write,
+        # so it is converted (or rejected) here. Unknown columns are user scalars (float64).
+        if type_name is None and isinstance(value, str):
+            convert = str
+        else:
+            convert = _HOST_CONVERTERS.get(type_name, float)
+        try:
+            return convert(value)
+        except (TypeError, ValueError, OverflowError) as error:
+            raise ValueError(f"{self.table} column {name!r} cannot store {value!r}: "
+                             f"{error}") from error
 
     def take(self) -> PendingPart | None:
         """Start the device-to-host copies and return the rows, leaving the buffer empty."""

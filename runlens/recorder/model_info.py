@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,16 +90,59 @@ def describe_optimizer(optimizer: torch.optim.Optimizer | None,
     }
 
 
-def json_value(value: Any) -> Any:
-    """Convert a hyperparameter to a JSON value: tensors to numbers, tuples to lists."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist() if value.numel() != 1 else float(value)
-    if isinstance(value, (list, tuple)):
-        return [json_value(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
+# Containers nested deeper than this are stored as their repr, so a config that contains
+# itself cannot recurse forever.
+MAX_JSON_DEPTH = 20
+# Tensors and numpy arrays with more elements are stored as {"shape", "dtype"} only.
+MAX_JSON_ELEMENTS = 16
+_MAX_CUT_REPR_CHARS = 200
+
+
+def json_value(value: Any, depth: int = 0) -> Any:
+    """Convert a hyperparameter or config value to JSON values.
+
+    Tensors and numpy arrays of up to `MAX_JSON_ELEMENTS` elements become numbers or lists
+    (reading a tensor synchronizes with its device), and larger ones their shape and
+    dtype. Tuples become lists, mappings and dataclass instances objects, non-finite
+    floats strings, and other objects their repr.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
         return value
-    if isinstance(value, dict):
-        return {str(key): json_value(item) for key, item in value.items()}
-    return repr(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, torch.Tensor):
+        return _tensor_json(value, depth)
+    if isinstance(value, np.ndarray):
+        return _array_json(value, depth)
+    if isinstance(value, np.generic):
+        return json_value(value.item(), depth)
+    is_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
+    if not isinstance(value, (Mapping, list, tuple)) and not is_dataclass:
+        return repr(value)
+    if depth >= MAX_JSON_DEPTH:
+        text = repr(value)
+        return text if len(text) <= _MAX_CUT_REPR_CHARS else text[:_MAX_CUT_REPR_CHARS] + "..."
+    if isinstance(value, Mapping):
+        return {str(key): json_value(item, depth + 1) for key, item in value.items()}
+    if is_dataclass:
+        return {field.name: json_value(getattr(value, field.name), depth + 1)
+                for field in dataclasses.fields(value)}
+    return [json_value(item, depth + 1) for item in value]
+
+
+def _tensor_json(tensor: torch.Tensor, depth: int) -> Any:
+    summary = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    if tensor.numel() > MAX_JSON_ELEMENTS:
+        return summary
+    try:
+        values = tensor.detach().reshape(()).tolist() if tensor.numel() == 1 \
+            else tensor.detach().tolist()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return summary  # a meta or sparse tensor has no values to read
+    return json_value(values, depth)
+
+
+def _array_json(array: np.ndarray, depth: int) -> Any:
+    if array.size > MAX_JSON_ELEMENTS:
+        return {"shape": list(array.shape), "dtype": str(array.dtype)}
+    return json_value(array.tolist(), depth)

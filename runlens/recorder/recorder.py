@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import platform
 import sys
@@ -12,14 +13,15 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import pyarrow.parquet as pq
 import torch
 
 import runlens
 from runlens import format as run_format
-from runlens.recorder import model_info
+from runlens.recorder import arguments, class_metrics, model_info, values
 from runlens.recorder.buffers import TableBuffer
 from runlens.recorder.checkpoint_probe import CheckpointProbe
 from runlens.recorder.clipping_probe import ClippingProbe
@@ -42,44 +44,60 @@ class Recorder:
             norms, learning rates and optimizer state.
         scheduler: the LR scheduler, for its class and checkpoint-load events.
         scaler: the AMP `GradScaler`, for the loss scale and skipped steps.
-        config: user configuration stored in run.json (JSON-serializable).
+        config: user configuration stored in run.json: a mapping, a dataclass instance,
+            an object with attributes such as an `argparse.Namespace`, or None. Its values
+            are converted with `model_info.json_value`.
         shared_params: a module or parameters shared by all tasks, for the task probe.
         param_stats_every: steps between per-parameter statistics (default 100).
         task_probe_every: steps between task-gradient probes (default 100).
         flush_every: steps between writes of part files (default 500).
-        flush_seconds: seconds between writes, whichever comes first (default 10).
-            A killed run loses at most the rows since the last write.
+        flush_seconds: seconds between writes, whichever comes first (default 10, a
+            positive finite number). A killed run loses at most the rows since the last
+            write.
         step: the global step of this segment's first step. Defaults to one past the
             last recorded step, or 0 for a new run.
         strict: raise recorder errors into training instead of logging them (default
-            False, for tests of the recorder itself).
+            False, for tests of the recorder itself). Invalid values passed to `step`,
+            `log_eval` or `log_classes` are dropped with a warning in both modes.
         rank: this process's rank. Defaults to `torch.distributed`'s rank, or 0.
+
+    Raises:
+        TypeError, ValueError: an argument is invalid, or run_dir contains a run.json that
+            is not a runlens run file. Nothing is written then.
+        NotADirectoryError: run_dir is a file.
         clock: the source of the `time` columns and run.json timestamps, in seconds since
             the epoch (default `time.time`). A fake clock makes recordings reproducible.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, model: torch.nn.Module | None = None,
                  optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                 scaler: Any = None, config: Mapping[str, Any] | None = None,
+                 scaler: Any = None, config: Any = None,
                  shared_params: torch.nn.Module | Iterable[torch.nn.Parameter] | None = None,
                  param_stats_every: int = 100, task_probe_every: int = 100,
                  flush_every: int = 500, flush_seconds: float = 10.0,
                  step: int | None = None, strict: bool = False,
                  rank: int | None = None, clock: Callable[[], float] = time.time) -> None:
-        for name, value in (("param_stats_every", param_stats_every),
-                            ("task_probe_every", task_probe_every),
-                            ("flush_every", flush_every)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        # Every argument is checked before the run directory or any hook is touched.
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise NotADirectoryError(f"run_dir {self.run_dir} is a file, not a directory. "
+                                     "Pass the path of a new or existing run directory.")
+        self.param_stats_every = arguments.check_step_count("param_stats_every",
+                                                            param_stats_every)
+        self.task_probe_every = arguments.check_step_count("task_probe_every",
+                                                           task_probe_every)
+        self.flush_every = arguments.check_step_count("flush_every", flush_every)
+        self.flush_seconds = arguments.check_flush_seconds(flush_seconds)
+        rank = arguments.check_rank(rank)
+        step = arguments.check_first_step(step)
+        config_values = arguments.config_dict(config)
         self.strict = strict
-        self.param_stats_every = param_stats_every
-        self.task_probe_every = task_probe_every
-        self.flush_every = flush_every
-        self.flush_seconds = flush_seconds
         self.rank = _default_rank() if rank is None else rank
         self._clock = clock
         self.error_counts: dict[str, int] = {}
+        self._dropped = values.DropLog()
+        # Invalid values that were dropped, by the key that their warning names.
+        self.dropped_counts = self._dropped.counts
         self.closed = False
         self._disabled: set[str] = set()
         self._buffers = {table: TableBuffer(table) for table in run_format.TABLES}
@@ -91,7 +109,7 @@ class Recorder:
         if optimizer is not None:
             names = model_info.param_names_for(optimizer, names)
         self.segment, self.step_index = self._open_run_dir(
-            model, optimizer, scheduler, scaler, config, params, names, step)
+            model, optimizer, scheduler, scaler, config_values, params, names, step)
         self._writer = PartWriter(self.run_dir, self.rank, self.segment)
         self._install_probes(model, optimizer, scheduler, scaler, shared_params, names)
         self.event(run_format.EVENT_SEGMENT_START, segment=self.segment)
@@ -103,7 +121,7 @@ class Recorder:
         run_file = self.run_dir / run_format.RUN_FILE
         started = datetime.fromtimestamp(self._clock(), timezone.utc).isoformat()
         if run_file.exists():
-            meta = json.loads(run_file.read_text())
+            meta = _read_run_file(run_file)
             version = meta.get("format_version")
             if version != run_format.FORMAT_VERSION:
                 raise ValueError(
@@ -124,7 +142,7 @@ class Recorder:
                 "optimizer": model_info.describe_optimizer(optimizer, names),
                 "scheduler": None if scheduler is None else {"class": type(scheduler).__name__},
                 "amp": _describe_scaler(scaler),
-                "config": model_info.json_value(dict(config or {})),
+                "config": model_info.json_value(config),
                 "settings": {"param_stats_every": self.param_stats_every,
                              "task_probe_every": self.task_probe_every,
                              "flush_every": self.flush_every,
@@ -133,7 +151,7 @@ class Recorder:
             }
             segment = 0
             first_step = 0 if step is None else step
-        meta["segments"].append({
+        meta.setdefault("segments", []).append({
             "segment": segment,
             "start_step": first_step,
             "started": started,
@@ -194,7 +212,8 @@ class Recorder:
         if self.closed or "recorder" in self._disabled:
             return
         try:
-            self._record_step(loss, losses or {}, loss_weights or {}, scalars)
+            self._record_step(loss, {} if losses is None else losses,
+                              {} if loss_weights is None else loss_weights, scalars)
         except Exception as error:  # noqa: BLE001
             self._report_error("recorder", error)
 
@@ -215,17 +234,21 @@ class Recorder:
         if self._scaler is not None:
             row.update(self._scaler.take())
 
-        # the loss, task losses and user scalars
-        if loss is not None:
-            row["loss"] = _as_value(loss)
-            if isinstance(row["loss"], torch.Tensor):
-                row["nonfinite_loss"] = (~torch.isfinite(row["loss"])).sum()
+        # the loss, task losses and user scalars. An invalid value is dropped before its
+        # row is added, so it costs only itself.
+        loss_value = self._checked_scalar(loss, step, "loss", "'loss'", "loss")
+        if loss_value is not None:
+            row["loss"] = loss_value
+            if isinstance(loss_value, torch.Tensor):
+                row["nonfinite_loss"] = (~torch.isfinite(loss_value)).sum()
             else:
-                row["nonfinite_loss"] = int(not math.isfinite(row["loss"]))
-        for name, value in user_scalars.items():
-            column = name if name not in run_format.RESERVED_SCALARS else f"user_{name}"
-            row[column] = _as_value(value)
+                row["nonfinite_loss"] = int(not math.isfinite(loss_value))
+        for name, column, value in self._user_scalar_columns(user_scalars, step):
+            row[column] = self._checked_scalar(value, step, name, repr(name), name)
         self._buffers["scalars"].add_row(row)
+        losses = self._checked_mapping(losses, step, "losses", "task names to losses")
+        loss_weights = self._checked_mapping(loss_weights, step, "loss_weights",
+                                             "task names to weights")
         self._record_task_losses(keys, losses, loss_weights)
         for param_row in param_rows:
             self._buffers["params"].add_row({**keys, **param_row})
@@ -243,12 +266,67 @@ class Recorder:
             self.flush()
 
     def _record_task_losses(self, keys, losses, loss_weights) -> None:
+        step = keys["step"]
         for task, task_loss in losses.items():
-            value = _as_value(task_loss)
-            weight = loss_weights.get(task)
-            weighted = None if weight is None else value * float(weight)
+            loss_name = f"losses[{task!r}]"
+            weight_name = f"loss_weights[{task!r}]"
+            value = self._checked_scalar(task_loss, step, loss_name, loss_name, loss_name)
+            weight = self._checked_scalar(loss_weights.get(task), step, weight_name,
+                                          weight_name, weight_name)
+            weighted = None if value is None or weight is None else value * weight
             self._buffers["losses"].add_row({**keys, "task": task, "loss": value,
                                              "weight": weight, "weighted_loss": weighted})
+
+    def _checked_scalar(self, value: Any, step: int, key: str, label: str,
+                        expression: str) -> torch.Tensor | float | None:
+        """Return `value` converted for a float64 column, or None when it is None or invalid.
+
+        An invalid value is counted under `key` and warned about once per key. `label`
+        names it in the warning, and `expression` in the hint (such as ``loss.mean()``).
+        """
+        if value is None:
+            return None
+        try:
+            return values.scalar_value(value, expression)
+        except values.InvalidValue as invalid:
+            self._dropped.drop(key, values.dropped_message(label, step, invalid))
+            return None
+
+    def _checked_mapping(self, value: Any, step: int, name: str,
+                         content: str) -> Mapping[str, Any]:
+        """Return `value` when it is a mapping, or else an empty dict, with a warning."""
+        if isinstance(value, Mapping):
+            return value
+        self._dropped.drop(name, f"runlens dropped {name} at step {step}: expected a mapping "
+                           f"of {content}, got {values.describe(value)}.")
+        return {}
+
+    def _user_scalar_columns(self, user_scalars: Mapping[Any, Any],
+                             step: int) -> list[tuple[str, str, Any]]:
+        """Return (name, column, value) of each user scalar whose name can be stored.
+
+        A name of a built-in column is stored as ``user_<name>``. When the caller also
+        passes ``user_<name>`` itself, that value is kept and the renamed one dropped.
+        """
+        columns = []
+        for name, value in user_scalars.items():
+            if not isinstance(name, str) or not name:
+                described = "an empty name" if name == "" else f"the name {name!r}"
+                self._dropped.drop(f"user scalar name {name!r}",
+                                   f"runlens dropped a user scalar with {described} at step "
+                                   f"{step}: a user scalar name must be a non-empty string.")
+                continue
+            column = name
+            if name in run_format.RESERVED_SCALARS:
+                column = f"user_{name}"
+                if column in user_scalars:
+                    self._dropped.drop(name, (
+                        f"runlens dropped {name!r} at step {step}: {name!r} is a built-in "
+                        f"column of scalars, so it is stored as {column!r}, but {column!r} "
+                        f"was also passed, and that value is kept. Rename one of them."))
+                    continue
+            columns.append((name, column, value))
+        return columns
 
     def _is_stats_step(self) -> bool:
         return self.step_index % self.param_stats_every == 0
@@ -293,19 +371,55 @@ class Recorder:
         """Record a clip of this step done by something other than `clip_grad_norm_`.
 
         `total_norm` is the gradient norm before clipping and `max_norm` the threshold.
+        An invalid value of either drops the call, with a warning.
         """
-        self._guard("clipping probe", self._clipping.log, total_norm, max_norm)
+        if self.closed:
+            return
+        step = self.step_index
+        total_norm = self._checked_scalar(total_norm, step, "log_clip total_norm",
+                                          "total_norm of log_clip", "total_norm")
+        max_norm = self._checked_scalar(max_norm, step, "log_clip max_norm",
+                                        "max_norm of log_clip", "max_norm")
+        if total_norm is not None and max_norm is not None:
+            self._guard("clipping probe", self._clipping.log, total_norm, max_norm)
 
     def log_eval(self, split: str, metrics: Mapping[str, torch.Tensor | float],
                  step: int | None = None) -> None:
-        """Record evaluation metrics of `split` at the current step (or at `step`)."""
-        def add_rows() -> None:
-            at = self._last_step() if step is None else step
-            keys = {"step": at, "segment": self.segment, "rank": self.rank}
-            for metric, value in metrics.items():
+        """Record evaluation metrics of `split` at the current step (or at `step`).
+
+        A metric whose value is not a scalar is dropped with a warning, and the others
+        are recorded.
+        """
+        self._guard("eval logging", self._log_eval, split, metrics, step)
+
+    def _log_eval(self, split, metrics, step) -> None:
+        at = self._call_step(step, f"log_eval({split!r})")
+        if at is None:
+            return
+        if not isinstance(metrics, Mapping):
+            self._dropped.drop(f"log_eval({split!r})", (
+                f"runlens recorded no metrics of split {split!r} at step {at}: expected a "
+                f"mapping of metric names to values, got {values.describe(metrics)}."))
+            return
+        keys = {"step": at, "segment": self.segment, "rank": self.rank}
+        for metric, value in metrics.items():
+            checked = self._checked_scalar(value, at, f"log_eval({split!r})[{metric!r}]",
+                                           f"metric {metric!r} of split {split!r}",
+                                           f"metrics[{metric!r}]")
+            if checked is not None:
                 self._buffers["evals"].add_row({**keys, "split": split, "metric": metric,
-                                                "value": _as_value(value)})
-        self._guard("eval logging", add_rows)
+                                                "value": checked})
+
+    def _call_step(self, step: Any, call: str) -> int | None:
+        """Return the step that a `log_*` call records at, or None with a warning."""
+        if step is None:
+            return self._last_step()
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            self._dropped.drop(f"{call} step", (
+                f"runlens recorded nothing for {call} with step={step!r}: step must be a "
+                "non-negative integer, or None for the last recorded step."))
+            return None
+        return int(step)
 
     def log_classes(self, split: str, targets: torch.Tensor, predictions: torch.Tensor,
                     num_classes: int | None = None, step: int | None = None) -> None:
@@ -313,32 +427,26 @@ class Recorder:
 
         `predictions` holds class indices, or scores of shape (N, C), which are reduced
         by argmax. This call synchronizes with the device, so use it at evaluation time.
+        Empty input, a length mismatch or an out-of-range class index records nothing
+        for the call, with a warning.
         """
         self._guard("class metrics", self._log_classes, split, targets, predictions,
                     num_classes, step)
 
     def _log_classes(self, split, targets, predictions, num_classes, step) -> None:
-        targets = targets.detach().reshape(-1).long().cpu()
-        predictions = predictions.detach()
-        if predictions.dim() > 1:
-            predictions = predictions.argmax(dim=-1)
-        predictions = predictions.reshape(-1).long().cpu()
-        if num_classes is None:
-            num_classes = int(max(targets.max(), predictions.max())) + 1
-        support = torch.bincount(targets, minlength=num_classes)
-        predicted = torch.bincount(predictions, minlength=num_classes)
-        correct = torch.bincount(targets[targets == predictions], minlength=num_classes)
-        at = self._last_step() if step is None else step
+        at = self._call_step(step, f"log_classes({split!r})")
+        if at is None:
+            return
+        try:
+            rows = class_metrics.class_rows(targets, predictions, num_classes)
+        except class_metrics.InvalidClassInput as error:
+            self._dropped.drop(f"log_classes({split!r}) {error.kind}",
+                               f"runlens recorded no class metrics for split {split!r} at "
+                               f"step {at}: {error}")
+            return
         keys = {"step": at, "segment": self.segment, "rank": self.rank}
-        for class_id in range(num_classes):
-            n_support, n_predicted = int(support[class_id]), int(predicted[class_id])
-            n_correct = int(correct[class_id])
-            self._buffers["classes"].add_row({
-                **keys, "split": split, "class_id": class_id,
-                "recall": n_correct / n_support if n_support else None,
-                "precision": n_correct / n_predicted if n_predicted else None,
-                "support": n_support, "predicted": n_predicted,
-            })
+        for row in rows:
+            self._buffers["classes"].add_row({**keys, "split": split, **row})
 
     def event(self, kind: str, **detail: Any) -> None:
         """Record an event at the current step, such as a data change or a manual decision."""
@@ -425,14 +533,6 @@ class Recorder:
                             {"area": area, "error": f"{type(error).__name__}: {error}"[:500]})
 
 
-def _as_value(value: Any) -> Any:
-    # A copy, because a tensor that the caller updates in place (a running sum) would
-    # otherwise be read at the flush with a later value.
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().clone()
-    return float(value)
-
-
 def _default_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
@@ -450,6 +550,19 @@ def _describe_scaler(scaler: Any) -> dict[str, Any]:
         return {"scaler": None}
     enabled = bool(getattr(scaler, "is_enabled", lambda: False)())
     return {"scaler": type(scaler).__name__, "enabled": enabled}
+
+
+def _read_run_file(run_file: Path) -> dict[str, Any]:
+    """Read an existing run.json, or raise ValueError when it is not a runlens run file."""
+    try:
+        meta = json.loads(run_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{run_file} is not valid JSON ({error}). Record into a new run "
+                         "directory.") from error
+    if not isinstance(meta, dict) or not isinstance(meta.get("segments", []), list):
+        raise ValueError(f"{run_file} is not a runlens run file: expected a JSON object "
+                         "with a list of segments. Record into a new run directory.")
+    return meta
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
