@@ -1,12 +1,16 @@
 """The ``runlens`` command line: analyze a run, list and check rule files.
 
 Exit codes: 0 when no finding is at or above --fail-on, 1 when one is, 2 on bad input
-(a usage error, a bad run directory or rule file, or a rule whose query failed).
+(a usage error, a bad run directory or rule file, or a rule whose query failed or timed
+out). An internal error exits 2 too, so that a crash never reads as "findings".
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import traceback
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -23,7 +27,8 @@ from runlens.analyze import (
     load_rule_file,
     load_rules,
 )
-from runlens.analyze.errors import EXIT_INPUT_ERROR
+from runlens.analyze.engine import DEFAULT_MAX_FINDINGS, DEFAULT_RULE_TIMEOUT
+from runlens.analyze.errors import EXIT_INPUT_ERROR, single_line
 from runlens.analyze.rules import Rule, duplicate_id_problems, find_rule_files
 from runlens.reports import render
 
@@ -81,6 +86,17 @@ def _print_errors(lines: list[str]) -> None:
         typer.echo(f"runlens: error: {line}", err=True)
 
 
+def _require_rules(rules: Optional[list[Path]], no_builtin: bool, purpose: str) -> None:
+    if no_builtin and not rules:
+        raise RunlensError(f"no rules to {purpose}: pass --rules PATH or drop --no-builtin")
+
+
+def _check_positive(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"{value:g} is not a positive number of seconds")
+    return value
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(f"runlens {runlens.__version__}")
@@ -133,17 +149,37 @@ def analyze(
         bool,
         typer.Option(
             "--skip-corrupt",
-            help="Skip Parquet parts that do not read, and list them as report warnings.",
+            help="Read every part in full, skip the parts that do not read, and list them "
+            "as report warnings.",
         ),
     ] = False,
+    rule_timeout: Annotated[
+        float,
+        typer.Option(
+            "--rule-timeout",
+            metavar="SECONDS",
+            callback=_check_positive,
+            help="Stop a rule's query after this many seconds and report the rule as errored.",
+        ),
+    ] = DEFAULT_RULE_TIMEOUT,
+    max_findings: Annotated[
+        int,
+        typer.Option(
+            "--max-findings",
+            metavar="N",
+            min=1,
+            help="Keep at most N findings per rule, and warn when a rule has more.",
+        ),
+    ] = DEFAULT_MAX_FINDINGS,
 ) -> None:
     """Analyze a run directory and report the failures that the rules find."""
     with _input_errors():
+        _require_rules(rules, no_builtin, "evaluate")
         loaded = apply_overrides(load_rules(rules or [], builtin=not no_builtin), overrides or [])
         if output is not None:
             _check_output_outside_run(output, run_dir)
         with Run.open(run_dir, skip_corrupt=skip_corrupt) as run:
-            report = evaluate(run, loaded)
+            report = evaluate(run, loaded, rule_timeout=rule_timeout, max_findings=max_findings)
         text = render(report, report_format.value, fail_on.value)
         _write_report(text, output)
 
@@ -178,6 +214,7 @@ def list_rules(
 ) -> None:
     """List the loaded rules: id, severity, category and title."""
     with _input_errors():
+        _require_rules(rules, no_builtin, "list")
         loaded = load_rules(rules or [], builtin=not no_builtin)
     typer.echo(_rule_table(loaded), nl=False)
 
@@ -208,8 +245,6 @@ def check_rules(
         except RunlensError as error:
             problems += error.lines
             continue
-        if not files:
-            problems.append(f"{path}: no .yaml or .yml rule files found")
         for file in files:
             try:
                 rule = load_rule_file(file)
@@ -224,5 +259,20 @@ def check_rules(
 
 
 def main() -> None:
-    """Run the command line. Usage errors exit 2, as click's UsageError does."""
-    app()
+    """Run the command line. Usage errors exit 2, as click's UsageError does.
+
+    An exception that escapes a command is a bug in runlens. It exits 2 as well, with a
+    one-line message, because Python's default exit code 1 would read as "findings" to a
+    CI gate. RUNLENS_DEBUG=1 prints the traceback before the message.
+    """
+    try:
+        app()
+    except Exception as error:  # SystemExit and KeyboardInterrupt are not Exceptions
+        if os.environ.get("RUNLENS_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(
+            f"runlens: internal error: {type(error).__name__}: {single_line(error)} "
+            "(set RUNLENS_DEBUG=1 to see the traceback; please report it)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_INPUT_ERROR)

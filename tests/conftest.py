@@ -124,6 +124,20 @@ def make_rule(**fields: Any) -> dict[str, Any]:
     return rule
 
 
+def corrupt_data_pages(part: Path) -> Path:
+    """Invert bytes 200-1199 of a part, which hits its data pages and leaves the footer valid.
+
+    Parts that `write_part` writes are snappy-compressed (pyarrow's default), so reading
+    the damaged pages fails with a decompression error while `pq.read_metadata` succeeds.
+    """
+    data = bytearray(part.read_bytes())
+    assert len(data) > 1200 + 200, f"{part} is too small to damage only its data pages"
+    data[200:1200] = bytes(byte ^ 0xFF for byte in data[200:1200])
+    part.write_bytes(bytes(data))
+    pq.read_metadata(part)  # the footer still reads
+    return part
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """Return relative path -> SHA-256 of every file under `folder`."""
     return {

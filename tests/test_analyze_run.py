@@ -10,7 +10,7 @@ import pytest
 
 from runlens import format as fmt
 from runlens.analyze import Run, RunError
-from conftest import default_meta, steady_scalars, write_part, write_run
+from conftest import corrupt_data_pages, default_meta, steady_scalars, write_part, write_run
 
 
 def test_open_missing_directory(tmp_path: Path) -> None:
@@ -25,10 +25,84 @@ def test_open_directory_without_run_json(tmp_path: Path) -> None:
 
 
 def test_open_file_instead_of_directory(tmp_path: Path) -> None:
-    file = tmp_path / "run.json"
-    file.write_text("{}")
-    with pytest.raises(RunError, match=r"not a runlens run directory \(no run\.json\)"):
-        Run.open(file)
+    write_run(tmp_path, {"scalars": steady_scalars()})
+    with pytest.raises(
+        RunError, match=r"run\.json: is a file; pass the run directory that contains run\.json$"
+    ):
+        Run.open(tmp_path / "run.json")
+
+
+def test_open_run_json_is_directory(tmp_path: Path) -> None:
+    (tmp_path / fmt.RUN_FILE).mkdir()
+    with pytest.raises(RunError, match=r"run\.json: cannot read: is a directory; ") as info:
+        Run.open(tmp_path)
+    assert "check that it is a regular file and that this user may read it" in str(info.value)
+    assert "corrupt" not in str(info.value)
+
+
+def test_open_table_folder_is_file(tmp_path: Path) -> None:
+    write_run(tmp_path, {"events": {"step": [0], "kind": ["x"]}})
+    (tmp_path / "scalars").write_text("not a folder")
+    with pytest.raises(RunError, match=r"/scalars: cannot list table folder: not a directory; "):
+        Run.open(tmp_path)
+
+
+def test_open_part_is_directory(tmp_path: Path) -> None:
+    write_run(tmp_path, {"scalars": steady_scalars()})
+    part = tmp_path / "scalars" / "rank-0" / fmt.part_name(0, 1)
+    part.mkdir()
+    with pytest.raises(RunError, match=r"part-0000-000001\.parquet: cannot read: is a directory"):
+        Run.open(tmp_path)
+
+
+def test_open_part_is_directory_not_skipped(tmp_path: Path) -> None:
+    write_run(tmp_path, {"scalars": steady_scalars()})
+    (tmp_path / "scalars" / "rank-0" / fmt.part_name(0, 1)).mkdir()
+    with pytest.raises(RunError, match=r"cannot read: is a directory"):
+        Run.open(tmp_path, skip_corrupt=True)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("optimizer", "adam", r"field 'optimizer': expected object or null, got str 'adam'"),
+        ("params", 5, r"field 'params': expected array, got int 5"),
+        ("segments", {}, r"field 'segments': expected array, got dict \{\}"),
+        ("params", [{"shape": [2]}], r"field 'params\[0\]\.name': missing"),
+        ("params", [{"name": 3}], r"field 'params\[0\]\.name': expected string, got int 3"),
+        ("format_version", 0, r"field 'format_version': expected an integer of at least 1, got 0"),
+        ("format_version", -5, r"field 'format_version': expected an integer of at least 1, "
+                               r"got -5"),
+        ("format_version", "1", r"field 'format_version': expected an integer, got '1'"),
+    ],
+)
+def test_open_run_json_wrong_type(tmp_path: Path, field: str, value: object,
+                                  problem: str) -> None:
+    meta = default_meta() | {field: value}
+    write_run(tmp_path, {"scalars": steady_scalars()}, meta)
+    with pytest.raises(RunError, match=r"run\.json: " + problem):
+        Run.open(tmp_path)
+
+
+def test_open_run_json_param_group_wrong_type(tmp_path: Path) -> None:
+    meta = default_meta()
+    meta["optimizer"]["param_groups"][1]["params"] = "encoder.bias"
+    write_run(tmp_path, {"scalars": steady_scalars()}, meta)
+    with pytest.raises(
+        RunError,
+        match=r"field 'optimizer\.param_groups\[1\]\.params': expected array, got str",
+    ):
+        Run.open(tmp_path)
+
+
+def test_open_run_json_lists_every_problem(tmp_path: Path) -> None:
+    meta = default_meta() | {"params": 5, "segments": {}}
+    write_run(tmp_path, {"scalars": steady_scalars()}, meta)
+    with pytest.raises(RunError) as info:
+        Run.open(tmp_path)
+    assert len(info.value.lines) == 2
+    assert "field 'params'" in info.value.lines[0]
+    assert "field 'segments'" in info.value.lines[1]
 
 
 def test_open_invalid_run_json(tmp_path: Path) -> None:
@@ -87,6 +161,40 @@ def test_open_skip_corrupt_lists_warning(tmp_path: Path) -> None:
         assert str(bad) in run.warnings[0]
         assert run.parts["scalars"] == [tmp_path / "scalars" / "rank-0" / fmt.part_name(0, 0)]
         assert run.summary().steps == 10
+
+
+def test_summary_corrupt_data_pages(tmp_path: Path) -> None:
+    write_run(tmp_path, {"scalars": steady_scalars()})
+    part = corrupt_data_pages(tmp_path / "scalars" / "rank-0" / fmt.part_name(0, 0))
+    with Run.open(tmp_path) as run:
+        with pytest.raises(RunError, match=rf"^{part}: cannot read Parquet data: ") as info:
+            run.summary()
+    assert "Snappy decompression failure" in str(info.value)
+    assert str(info.value).endswith(
+        "the part may be corrupt; move it aside or rerun with --skip-corrupt"
+    )
+    assert len(info.value.lines) == 1
+
+
+def test_open_skip_corrupt_reads_data_pages(tmp_path: Path) -> None:
+    scalars = steady_scalars(200)
+    good = {name: values[:100] for name, values in scalars.items()}
+    bad = {name: values[100:] for name, values in scalars.items()}
+    write_run(tmp_path, {"scalars": [good, bad]})
+    part = corrupt_data_pages(tmp_path / "scalars" / "rank-0" / fmt.part_name(0, 1))
+    with Run.open(tmp_path, skip_corrupt=True) as run:
+        assert len(run.warnings) == 1
+        assert str(part) in run.warnings[0]
+        assert run.parts["scalars"] == [tmp_path / "scalars" / "rank-0" / fmt.part_name(0, 0)]
+        assert run.summary().steps == 100
+
+
+def test_open_without_skip_corrupt_checks_footers_only(tmp_path: Path) -> None:
+    write_run(tmp_path, {"scalars": steady_scalars()})
+    corrupt_data_pages(tmp_path / "scalars" / "rank-0" / fmt.part_name(0, 0))
+    with Run.open(tmp_path) as run:
+        assert run.warnings == []
+        assert len(run.parts["scalars"]) == 1
 
 
 def test_open_run_without_tables(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,15 @@ from typer.testing import CliRunner
 import runlens
 from runlens import format as fmt
 from runlens.cli import app
-from conftest import RULES_FIXTURES, make_rule, tree_digest, write_rule
+from conftest import (
+    RULES_FIXTURES,
+    corrupt_data_pages,
+    make_rule,
+    steady_scalars,
+    tree_digest,
+    write_rule,
+    write_run,
+)
 
 LOSS_RULE = str(RULES_FIXTURES / "loss-above-threshold.yaml")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +85,53 @@ def test_analyze_corrupt_part(spiking_run: Path) -> None:
     assert "--skip-corrupt" in result.stderr
 
 
+def test_analyze_corrupt_data_pages(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", {"scalars": steady_scalars()})
+    part = corrupt_data_pages(run_dir / "scalars" / "rank-0" / fmt.part_name(0, 0))
+    result = analyze(run_dir)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"runlens: error: {part}: cannot read Parquet data: ")
+    assert result.stderr.endswith(
+        "the part may be corrupt; move it aside or rerun with --skip-corrupt\n"
+    )
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output
+
+
+def test_analyze_skip_corrupt_data_pages(tmp_path: Path) -> None:
+    scalars = steady_scalars(200)
+    halves = [{name: values[:100] for name, values in scalars.items()},
+              {name: values[100:] for name, values in scalars.items()}]
+    run_dir = write_run(tmp_path / "run", {"scalars": halves})
+    part = corrupt_data_pages(run_dir / "scalars" / "rank-0" / fmt.part_name(0, 1))
+    result = analyze(run_dir, "--skip-corrupt", "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["run"]["steps"] == 100
+    assert len(report["warnings"]) == 1
+    assert str(part) in report["warnings"][0]
+
+
+def test_analyze_run_json_path(healthy_run: Path) -> None:
+    result = analyze(healthy_run / "run.json")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"runlens: error: {healthy_run / 'run.json'}: is a file; pass the run directory "
+        "that contains run.json\n"
+    )
+
+
+def test_analyze_run_json_wrong_type(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", {"scalars": steady_scalars()})
+    meta = json.loads((run_dir / fmt.RUN_FILE).read_text())
+    (run_dir / fmt.RUN_FILE).write_text(json.dumps(meta | {"optimizer": "adam"}))
+    result = analyze(run_dir)
+    assert result.exit_code == 2
+    assert "run.json: field 'optimizer': expected object or null, got str 'adam'" in (
+        result.stderr
+    )
+
+
 def test_analyze_skip_corrupt(spiking_run: Path) -> None:
     bad = spiking_run / "scalars" / "rank-0" / fmt.part_name(0, 7)
     bad.write_bytes(b"PAR1 not really")
@@ -111,6 +167,73 @@ def test_analyze_rule_runtime_error(healthy_run: Path) -> None:
         result.stderr
     )
     assert "Rule errors (1)" in result.stdout
+
+
+def test_analyze_rules_folder_without_rule_files(healthy_run: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "no-rules"
+    empty.mkdir()
+    result = invoke("analyze", healthy_run, "--rules", empty)
+    assert result.exit_code == 2
+    assert result.stderr == f"runlens: error: no rule files (.yaml, .yml) found in {empty}\n"
+
+
+def test_analyze_no_builtin_without_rules(healthy_run: Path) -> None:
+    result = invoke("analyze", healthy_run, "--no-builtin")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "runlens: error: no rules to evaluate: pass --rules PATH or drop --no-builtin\n"
+    )
+
+
+def test_analyze_rule_timeout(spiking_run: Path, tmp_path: Path) -> None:
+    query = ("SELECT NULL AS step_start, NULL AS step_end, sum(hash(a.range * 7 + 1) % 13) "
+             "AS n FROM range(100000000000) a WHERE $threshold > 0")
+    slow = write_rule(tmp_path / "rules", make_rule(id="slow-rule", query=query, message="{n}"))
+    result = invoke("analyze", spiking_run, "--no-builtin", "--rules", slow, "--rules",
+                    LOSS_RULE, "--rule-timeout", "0.5", "--format", "json")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        "runlens: error: rule 'slow-rule': timed out after 0.5 s; raise --rule-timeout or "
+        "simplify the query\n"
+    )
+    report = json.loads(result.stdout)
+    assert report["summary"]["findings"]["error"] == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc"])
+def test_analyze_rule_timeout_rejected(healthy_run: Path, value: str) -> None:
+    result = analyze(healthy_run, "--rule-timeout", value)
+    assert result.exit_code == 2
+    assert "Invalid value for '--rule-timeout'" in result.stderr
+
+
+def test_analyze_max_findings(healthy_run: Path) -> None:
+    result = analyze(healthy_run, "--set", "loss-above-threshold.threshold=0",
+                     "--max-findings", "4", "--format", "json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert len(report["findings"]) == 4
+    assert report["warnings"] == [
+        "rule 'loss-above-threshold' produced more than 4 findings; the rest are not shown"
+    ]
+
+
+def test_analyze_max_findings_rejected(healthy_run: Path) -> None:
+    result = analyze(healthy_run, "--max-findings", "0")
+    assert result.exit_code == 2
+    assert "Invalid value for '--max-findings'" in result.stderr
+
+
+def test_analyze_not_evaluated_sorted_by_id(healthy_run: Path, tmp_path: Path) -> None:
+    for rule_id in ("zeta", "alpha"):
+        write_rule(tmp_path / "rules", make_rule(id=rule_id, requires={"scalars": ["amp_scale"]}))
+    args = ["analyze", healthy_run, "--no-builtin", "--rules", tmp_path / "rules"]
+    text = invoke(*args).stdout
+    assert text.index("alpha: missing") < text.index("zeta: missing")
+    markdown = invoke(*args, "--format", "markdown").stdout
+    assert markdown.index("| `alpha` |") < markdown.index("| `zeta` |")
+    report = json.loads(invoke(*args, "--format", "json").stdout)
+    assert [item["rule_id"] for item in report["not_evaluated"]] == ["alpha", "zeta"]
 
 
 def test_analyze_unknown_option_is_usage_error(healthy_run: Path) -> None:
@@ -224,16 +347,44 @@ def test_rules_check_reports_each_problem(tmp_path: Path) -> None:
     assert "field 'id': also defined in" in result.stderr
 
 
+def test_rules_check_unknown_column_one_line(tmp_path: Path) -> None:
+    query = "SELECT step AS step_start, step AS step_end, los\nFROM scalars WHERE loss > $threshold"
+    rule = write_rule(tmp_path, make_rule(query=query))
+    result = invoke("rules", "check", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(
+        f"runlens: error: {rule}: rule 'loss-above-threshold': field 'query': Binder Error: "
+    )
+    assert result.stderr.count("\n") == 1
+
+
+def test_rules_check_folder_without_rule_files(tmp_path: Path) -> None:
+    result = invoke("rules", "check", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr == f"runlens: error: no rule files (.yaml, .yml) found in {tmp_path}\n"
+
+
+def test_rules_list_no_builtin_without_rules() -> None:
+    result = invoke("rules", "list", "--no-builtin")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "runlens: error: no rules to list: pass --rules PATH or drop --no-builtin\n"
+    )
+
+
 def test_rules_check_missing_path(tmp_path: Path) -> None:
     result = invoke("rules", "check", tmp_path / "nope.yaml")
     assert result.exit_code == 2
     assert "nope.yaml: rule file or folder not found" in result.stderr
 
 
-def run_module(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_module(*args: str, code: str | None = None,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "runlens"]
+    environment = {key: value for key, value in os.environ.items() if key != "RUNLENS_DEBUG"}
+    environment |= {"PYTHONPATH": str(REPO_ROOT), **(env or {})}
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+                          env=environment, timeout=120)
 
 
 def test_module_exit_codes(healthy_run: Path, spiking_run: Path, tmp_path: Path) -> None:
@@ -268,3 +419,88 @@ def test_analyze_without_torch(spiking_run: Path) -> None:
     assert "ImportError" not in result.stderr
     findings = json.loads(result.stdout)["findings"]
     assert {f["rule_id"] for f in findings} == {"loss-above-threshold"}
+
+
+RAISE_INSIDE_ANALYZE = """
+import sys
+import runlens.cli
+
+def failing_render(*args):
+    raise ValueError("renderer broke\\nsecond line")
+
+runlens.cli.render = failing_render  # an unexpected bug inside the analyze command
+sys.argv = ["runlens", *sys.argv[1:]]
+runlens.cli.main()
+"""
+
+
+def test_main_internal_error_exit_2(healthy_run: Path) -> None:
+    result = run_module("analyze", str(healthy_run), "--no-builtin", "--rules", LOSS_RULE,
+                        code=RAISE_INSIDE_ANALYZE)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "runlens: internal error: ValueError: renderer broke second line "
+        "(set RUNLENS_DEBUG=1 to see the traceback; please report it)\n"
+    )
+
+
+def test_main_internal_error_debug_traceback(healthy_run: Path) -> None:
+    result = run_module("analyze", str(healthy_run), "--no-builtin", "--rules", LOSS_RULE,
+                        code=RAISE_INSIDE_ANALYZE, env={"RUNLENS_DEBUG": "1"})
+    assert result.returncode == 2
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "in failing_render" in result.stderr
+    assert result.stderr.endswith(
+        "runlens: internal error: ValueError: renderer broke second line "
+        "(set RUNLENS_DEBUG=1 to see the traceback; please report it)\n"
+    )
+
+
+DROP_READ_OVERRIDE = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def run_without_read_override(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as this user, without the capabilities that let root read any file."""
+    return subprocess.run(
+        [*DROP_READ_OVERRIDE, sys.executable, "-m", "runlens", *args], capture_output=True,
+        text=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120,
+    )
+
+
+def can_drop_read_override() -> bool:
+    if shutil.which("setpriv") is None:
+        return False
+    probe = subprocess.run([*DROP_READ_OVERRIDE, "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_unreadable_files = pytest.mark.skipif(
+    not can_drop_read_override(),
+    reason="needs setpriv with CAP_SETPCAP to drop root's file-read capabilities",
+)
+
+
+@needs_unreadable_files
+@pytest.mark.parametrize(
+    ("relative", "what"),
+    [
+        ("run.json", "cannot read"),
+        ("scalars", "cannot list table folder"),
+        ("scalars/rank-0", "cannot list table folder"),
+        ("scalars/rank-0/part-0000-000000.parquet", "cannot read"),
+    ],
+)
+def test_analyze_unreadable_path(tmp_path: Path, relative: str, what: str) -> None:
+    run_dir = write_run(tmp_path / "run", {"scalars": steady_scalars()})
+    blocked = run_dir / relative
+    os.chmod(blocked, 0)
+    try:
+        result = run_without_read_override("analyze", str(run_dir), "--no-builtin", "--rules",
+                                           LOSS_RULE)
+    finally:
+        os.chmod(blocked, 0o755)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"runlens: error: {blocked}: {what}: permission denied; ")
+    assert "this user may read it" in result.stderr
+    assert "corrupt" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import time
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from runlens import format as fmt
 from runlens.analyze import (
     Run,
     RuleFileError,
+    RunError,
     apply_overrides,
     evaluate,
     load_rule_file,
     load_rules,
 )
+from runlens.analyze.engine import run_rule
 from conftest import (
     RULES_FIXTURES,
+    corrupt_data_pages,
     default_meta,
     make_rule,
     steady_scalars,
@@ -142,26 +148,18 @@ def test_evidence_nonfinite_becomes_none(healthy_run: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(
-    ("query", "message", "problem"),
+    ("query", "problem"),
     [
-        ("SELECT step FROM scalars WHERE $threshold > 0", "{step}",
-         r"query result lacks column step_start, step_end"),
-        ("SELECT 1 AS step_start, 2 AS step_end WHERE $threshold > 0", "{loss}",
-         r"field 'message': message field \{loss\} is not a column"),
-        ("SELECT 1.5 AS step_start, 2 AS step_end WHERE $threshold > 0", "m",
+        ("SELECT 1.5 AS step_start, 2 AS step_end WHERE $threshold > 0",
          r"column step_start must hold an integer step or NULL, got Decimal"),
-        ("SELECT 1 AS step_start, 2 AS step_end, 1 AS x, 2 AS x WHERE $threshold > 0", "m",
-         r"query result has column x more than once"),
         ("SELECT step AS step_start, step AS step_end FROM scalars "
-         "WHERE loss < $threshold AND error('bad row') IS NULL", "m",
+         "WHERE loss < $threshold AND error('bad row') IS NULL",
          r"query failed: Invalid Input Error: bad row"),
-        ("SELECT 1 AS step_start, 1 AS step_end, no_such_column WHERE $threshold > 0", "m",
-         r"query failed: Binder Error"),
     ],
 )
-def test_rule_runtime_errors(healthy_run: Path, tmp_path: Path, query: str, message: str,
+def test_rule_runtime_errors(healthy_run: Path, tmp_path: Path, query: str,
                              problem: str) -> None:
-    rule = make_rule(query=query, message=message)
+    rule = make_rule(query=query, message="m")
     rules = [load_rule_file(write_rule(tmp_path, rule)), fixture_rule("needs-amp-scale.yaml")]
     with Run.open(healthy_run) as run:
         report = evaluate(run, rules)
@@ -171,6 +169,113 @@ def test_rule_runtime_errors(healthy_run: Path, tmp_path: Path, query: str, mess
     assert re.search(problem, report.errored[0].error)
     assert report.not_evaluated[0].rule_id == "amp-scale-collapsed"
     assert report.exit_code("never") == 2
+
+
+# The loader rejects these queries and messages, so each case swaps them into a loaded
+# rule to check that the engine still reports them when a rule bypasses the loader.
+@pytest.mark.parametrize(
+    ("query", "message", "problem"),
+    [
+        ("SELECT step FROM scalars WHERE $threshold > 0", "{step}",
+         r"query result lacks column step_start, step_end"),
+        ("SELECT 1 AS step_start, 2 AS step_end WHERE $threshold > 0", "{loss}",
+         r"field 'message': message field \{loss\} is not a column"),
+        ("SELECT 1 AS step_start, 2 AS step_end, 1 AS x, 2 AS x WHERE $threshold > 0", "m",
+         r"query result has column x more than once"),
+        ("SELECT 1 AS step_start, 1 AS step_end, no_such_column WHERE $threshold > 0", "m",
+         r"query failed: Binder Error"),
+    ],
+)
+def test_rule_runtime_errors_past_loader(healthy_run: Path, query: str, message: str,
+                                         problem: str) -> None:
+    rule = dataclasses.replace(fixture_rule("loss-above-threshold.yaml"), query=query,
+                               message=message)
+    with Run.open(healthy_run) as run:
+        report = evaluate(run, [rule])
+    assert [failure.rule_id for failure in report.errored] == ["loss-above-threshold"]
+    assert re.search(problem, report.errored[0].error)
+
+
+def test_rule_runtime_error_one_line(healthy_run: Path) -> None:
+    query = ("SELECT step AS step_start, step AS step_end FROM scalars\n"
+             "WHERE ('x' || step)::INTEGER > $threshold")
+    rule = dataclasses.replace(fixture_rule("loss-above-threshold.yaml"), query=query)
+    with Run.open(healthy_run) as run:
+        report = evaluate(run, [rule])
+    error = report.errored[0].error
+    assert error.startswith("query failed: Conversion Error: ")
+    assert "\n" not in error
+    assert "^" not in error
+
+
+SLOW_QUERY = ("SELECT NULL AS step_start, NULL AS step_end, sum(hash(a.range * 7 + 1) % 13) "
+              "AS n FROM range(100000000000) a WHERE $threshold > 0")
+
+
+def test_evaluate_rule_timeout(spiking_run: Path, tmp_path: Path) -> None:
+    slow = load_rule_file(write_rule(tmp_path, make_rule(id="slow-rule", query=SLOW_QUERY,
+                                                         message="{n}")))
+    rules = [slow, fixture_rule("loss-above-threshold.yaml")]
+    started = time.monotonic()
+    with Run.open(spiking_run) as run:
+        report = evaluate(run, rules, rule_timeout=0.5)
+        assert run.connection.execute("SELECT 1").fetchall() == [(1,)]
+    assert time.monotonic() - started < 30
+    assert [failure.rule_id for failure in report.errored] == ["slow-rule"]
+    assert report.errored[0].error == (
+        "timed out after 0.5 s; raise --rule-timeout or simplify the query"
+    )
+    assert [f.rule_id for f in report.findings] == ["loss-above-threshold"] * 2
+    assert report.exit_code("never") == 2
+
+
+def test_evaluate_max_findings(healthy_run: Path) -> None:
+    rules = apply_overrides([fixture_rule("loss-above-threshold.yaml")],
+                            ["loss-above-threshold.threshold=0"])
+    with Run.open(healthy_run) as run:
+        report = evaluate(run, rules, max_findings=3)
+    assert [f.step_start for f in report.findings] == [0, 1, 2]
+    assert report.warnings == [
+        "rule 'loss-above-threshold' produced more than 3 findings; the rest are not shown"
+    ]
+
+
+def test_evaluate_max_findings_exact_count_no_warning(spiking_run: Path) -> None:
+    with Run.open(spiking_run) as run:
+        report = evaluate(run, [fixture_rule("loss-above-threshold.yaml")], max_findings=2)
+    assert len(report.findings) == 2
+    assert report.warnings == []
+
+
+def test_evaluate_not_evaluated_sorted_by_id(healthy_run: Path, tmp_path: Path) -> None:
+    rules = [
+        load_rule_file(write_rule(tmp_path, make_rule(id=rule_id,
+                                                      requires={"scalars": ["amp_scale"]})))
+        for rule_id in ("zeta", "alpha", "mid")
+    ]
+    with Run.open(healthy_run) as run:
+        report = evaluate(run, rules)
+    assert [item.rule_id for item in report.not_evaluated] == ["alpha", "mid", "zeta"]
+
+
+def test_evaluate_corrupt_data_pages_raises_run_error(tmp_path: Path) -> None:
+    write_run(tmp_path, {"scalars": steady_scalars()})
+    part = corrupt_data_pages(tmp_path / "scalars" / "rank-0" / fmt.part_name(0, 0))
+    with Run.open(tmp_path) as run:
+        with pytest.raises(RunError, match=rf"^{part}: cannot read Parquet data: .*"
+                                           r"move it aside or rerun with --skip-corrupt$"):
+            evaluate(run, [fixture_rule("loss-above-threshold.yaml")])
+
+
+def test_run_rule_data_error_names_part(tmp_path: Path) -> None:
+    write_run(tmp_path, {"scalars": steady_scalars()})
+    part = corrupt_data_pages(tmp_path / "scalars" / "rank-0" / fmt.part_name(0, 0))
+    # threshold 0 matches every row, so the Parquet statistics cannot skip the pages
+    rule = apply_overrides([fixture_rule("loss-above-threshold.yaml")],
+                           ["loss-above-threshold.threshold=0"])[0]
+    with Run.open(tmp_path) as run:
+        with pytest.raises(RunError, match=rf"^{part}: cannot read Parquet data: "):
+            run_rule(run, rule)
 
 
 def test_sandbox_read_outside_run_errors(healthy_run: Path) -> None:

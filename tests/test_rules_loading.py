@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -299,9 +300,165 @@ def test_override_integer_and_boolean(tmp_path: Path) -> None:
     }
     query = "SELECT step AS step_start, step AS step_end FROM scalars " \
             "WHERE step > $window AND $strict"
-    rules = [load_rule_file(write_rule(tmp_path, make_rule(params=params, query=query)))]
+    rule = make_rule(params=params, query=query, message="step {step_start}")
+    rules = [load_rule_file(write_rule(tmp_path, rule))]
     updated = apply_overrides(rules, ["loss-above-threshold.window=20",
                                       "loss-above-threshold.strict=true"])
     assert updated[0].bound_params() == {"strict": True, "window": 20}
     with pytest.raises(ParamOverrideError, match=r"param 'window' expects an integer, got '2\.5'"):
         apply_overrides(rules, ["loss-above-threshold.window=2.5"])
+
+
+def test_load_query_unknown_table(tmp_path: Path) -> None:
+    query = "SELECT step AS step_start, step AS step_end FROM scalar WHERE loss > $threshold"
+    path = write_rule(tmp_path, make_rule(query=query))
+    with pytest.raises(
+        RuleFileError,
+        match=r"rule 'loss-above-threshold': field 'query': Catalog Error: "
+        r"Table with name scalar does not exist",
+    ) as info:
+        load_rule_file(path)
+    assert len(info.value.lines) == 1
+
+
+def test_load_query_unknown_column(tmp_path: Path) -> None:
+    query = ("SELECT step AS step_start, step AS step_end, los\nFROM scalars\n"
+             "WHERE loss > $threshold")
+    path = write_rule(tmp_path, make_rule(query=query))
+    with pytest.raises(
+        RuleFileError,
+        match=r"field 'query': Binder Error: Referenced column \"los\" not found",
+    ) as info:
+        load_rule_file(path)
+    assert len(info.value.lines) == 1
+    assert "^" not in str(info.value)
+
+
+def test_load_query_without_step_columns(tmp_path: Path) -> None:
+    query = "SELECT step, loss FROM scalars WHERE loss > $threshold"
+    path = write_rule(tmp_path, make_rule(query=query, message="{loss}"))
+    with pytest.raises(
+        RuleFileError, match=r"field 'query': query result lacks column step_start, step_end"
+    ):
+        load_rule_file(path)
+
+
+def test_load_query_repeated_column(tmp_path: Path) -> None:
+    query = ("SELECT step AS step_start, step AS step_end, loss AS x, loss AS x FROM scalars "
+             "WHERE loss > $threshold")
+    path = write_rule(tmp_path, make_rule(query=query, message="{x}"))
+    with pytest.raises(RuleFileError, match=r"field 'query': query result has column x more"):
+        load_rule_file(path)
+
+
+def test_load_message_field_not_a_column(tmp_path: Path) -> None:
+    path = write_rule(tmp_path, make_rule(message="loss {los} at step {step_start}"))
+    with pytest.raises(
+        RuleFileError,
+        match=r"rule 'loss-above-threshold': field 'message': field \{los\} is not a column "
+        r"of the query result; columns: step_start, step_end, loss$",
+    ):
+        load_rule_file(path)
+
+
+def test_load_query_reads_declared_user_scalar(tmp_path: Path) -> None:
+    query = ("SELECT step AS step_start, step AS step_end, val_acc FROM scalars "
+             "WHERE val_acc > $threshold")
+    rule = make_rule(query=query, requires={"scalars": ["step", "val_acc"]},
+                     message="{val_acc}")
+    assert load_rule_file(write_rule(tmp_path, rule)).id == "loss-above-threshold"
+
+
+def test_load_query_undeclared_user_scalar(tmp_path: Path) -> None:
+    query = ("SELECT step AS step_start, step AS step_end FROM scalars "
+             "WHERE val_acc > $threshold")
+    path = write_rule(tmp_path, make_rule(query=query))
+    with pytest.raises(RuleFileError, match=r"Referenced column \"val_acc\" not found.*"
+                                            r"list user scalars and run\.json fields"):
+        load_rule_file(path)
+
+
+def test_load_query_reads_declared_run_params_field(tmp_path: Path) -> None:
+    query = ("SELECT NULL AS step_start, NULL AS step_end, name, betas[2] AS beta2 "
+             "FROM run_params WHERE momentum > $threshold")
+    rule = make_rule(query=query, requires={"run_params": ["name", "betas", "momentum"]},
+                     message="{name}")
+    assert load_rule_file(write_rule(tmp_path, rule)).query_params == {"threshold"}
+
+
+def test_load_query_reads_segment_fields(tmp_path: Path) -> None:
+    query = ("SELECT start_step AS step_start, start_step AS step_end, argv, started "
+             "FROM segments WHERE segment > $threshold")
+    rule = make_rule(query=query, requires={"segments": []}, message="{argv}")
+    assert load_rule_file(write_rule(tmp_path, rule)).id == "loss-above-threshold"
+
+
+def test_load_query_not_executed(tmp_path: Path) -> None:
+    query = ("SELECT NULL AS step_start, NULL AS step_end, sum(hash(a.range * 7 + 1) % 13) "
+             "AS n FROM range(100000000000) a WHERE $threshold > 0")
+    started = time.monotonic()
+    load_rule_file(write_rule(tmp_path, make_rule(query=query, message="{n}")))
+    assert time.monotonic() - started < 5
+
+
+def test_load_query_file_read_left_to_sandbox() -> None:
+    # Whether a file read is allowed depends on the run directory, which a rule file
+    # does not know, so the loader accepts it and the run's sandbox decides.
+    rule = load_rule_file(RULES_FIXTURES / "read-passwd.yaml")
+    assert rule.id == "read-outside-run"
+
+
+def test_load_query_check_cannot_read_files(tmp_path: Path) -> None:
+    # With file access the query would bind, and the message check would reject {nope}.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    query = (f"SELECT 1 AS step_start, 1 AS step_end, content "
+             f"FROM read_text('{secret}') WHERE $threshold > 0")
+    path = write_rule(tmp_path, make_rule(query=query, message="{nope}"))
+    rule = load_rule_file(path)
+    assert rule.id == "loss-above-threshold"
+
+
+@pytest.mark.parametrize("query", ["DESCRIBE scalars", "SUMMARIZE scalars", "SHOW TABLES"])
+def test_load_describe_style_query_reaches_column_check(tmp_path: Path, query: str) -> None:
+    # DuckDB 1.x reports these statements as SELECT; they fail the step column check.
+    path = write_rule(tmp_path, make_rule(query=query, params={}, message="m"))
+    with pytest.raises(RuleFileError, match=r"field 'query': query result lacks column"):
+        load_rule_file(path)
+
+
+def test_load_strips_description_and_remediation(tmp_path: Path) -> None:
+    text = (RULES_FIXTURES / "loss-above-threshold.yaml").read_text()
+    text = text.replace("description: Flags each step whose loss is above the threshold.",
+                        "description: >\n  Flags each step whose loss\n  is above it.\n\n")
+    text = text.replace("remediation: Lower the learning rate.",
+                        "remediation: |\n  Lower the learning rate.  \n")
+    rule = load_rule_file(write_rule(tmp_path, text, name="r.yaml"))
+    assert rule.description == "Flags each step whose loss is above it."
+    assert rule.remediation == "Lower the learning rate."
+
+
+def test_load_rules_folder_without_rule_files(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no rules here")
+    with pytest.raises(
+        RuleFileError, match=rf"^no rule files \(\.yaml, \.yml\) found in {tmp_path}$"
+    ):
+        load_rules([tmp_path], builtin=False)
+
+
+def test_override_malformed_example_names_loaded_rule() -> None:
+    rules = load_rules([RULES_FIXTURES], builtin=False)
+    with pytest.raises(
+        ParamOverrideError,
+        match=r"expected RULE\.PARAM=VALUE, such as --set loss-above-threshold\.threshold=5\.0$",
+    ):
+        apply_overrides(rules, ["threshold=3"])
+
+
+def test_override_malformed_example_without_params(tmp_path: Path) -> None:
+    rule = make_rule(params={}, query="SELECT 1 AS step_start, 1 AS step_end", message="m")
+    rules = [load_rule_file(write_rule(tmp_path, rule))]
+    with pytest.raises(
+        ParamOverrideError, match=r"such as --set clipping-every-step\.min_share=0\.95$"
+    ):
+        apply_overrides(rules, ["threshold=3"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -15,26 +16,43 @@ from typing import Any
 import duckdb
 
 from runlens.analyze.findings import SEVERITIES, Finding, NotEvaluated, Report, RuleFailure
+from runlens.analyze.errors import single_line
 from runlens.analyze.findings import to_json_value
 from runlens.analyze.messages import TemplateError, render_message
+from runlens.analyze.query_check import STEP_COLUMNS, check_result_columns
 from runlens.analyze.rules import Rule
 from runlens.analyze.run import Run
 
 logger = logging.getLogger("runlens.analyze")
 
-STEP_COLUMNS = ("step_start", "step_end")
+# NOTE: 60 s is an estimate with wide headroom. docs/benchmarks.md measured at most 1.5 s
+# for one built-in rule on a 1M-step run. A CI job with longer runs can raise it.
+DEFAULT_RULE_TIMEOUT = 60.0
+DEFAULT_MAX_FINDINGS = 1000
 
 
 class RuleRuntimeError(Exception):
     """A rule that failed on this run. The engine reports it as a `RuleFailure`."""
 
 
-def evaluate(run: Run, rules: Sequence[Rule]) -> Report:
+def evaluate(
+    run: Run,
+    rules: Sequence[Rule],
+    *,
+    rule_timeout: float = DEFAULT_RULE_TIMEOUT,
+    max_findings: int = DEFAULT_MAX_FINDINGS,
+) -> Report:
     """Evaluate every rule on the run and return the report.
 
     A rule whose required tables or columns the run lacks, or has only NULL in, is
-    not evaluated. A rule whose query fails is reported as errored. Findings are sorted
+    not evaluated. A rule whose query fails or runs longer than `rule_timeout` seconds
+    is reported as errored, and the remaining rules still run. A rule keeps at most
+    `max_findings` findings, with a report warning when it had more. Findings are sorted
     by severity, then by first step, with run-level findings (no step) first.
+
+    Raises:
+        RunError: DuckDB failed to read the run's Parquet parts, such as a part with
+            corrupt data pages.
     """
     report = Report(run=run.summary(), rules_loaded=len(rules), warnings=list(run.warnings))
     for rule in rules:
@@ -47,7 +65,7 @@ def evaluate(run: Run, rules: Sequence[Rule]) -> Report:
         # query: one SELECT, its rows are findings
         started = time.perf_counter()
         try:
-            findings = run_rule(run, rule)
+            findings = run_rule(run, rule, timeout=rule_timeout, max_findings=max_findings)
         except RuleRuntimeError as error:
             logger.warning("rule %s failed: %s", rule.id, error)
             report.errored.append(RuleFailure(rule.id, rule.title, str(error)))
@@ -55,12 +73,19 @@ def evaluate(run: Run, rules: Sequence[Rule]) -> Report:
         logger.debug("rule %s: %d findings in %.3f s", rule.id, len(findings),
                      time.perf_counter() - started)
 
+        if len(findings) > max_findings:
+            findings = findings[:max_findings]
+            report.warnings.append(
+                f"rule '{rule.id}' produced more than {max_findings} findings; "
+                "the rest are not shown"
+            )
         if findings:
             report.findings += findings
         else:
             report.passed.append(rule.id)
 
     report.findings.sort(key=_finding_order)
+    report.not_evaluated.sort(key=lambda item: item.rule_id)
     return report
 
 
@@ -77,36 +102,44 @@ def missing_signals(run: Run, rule: Rule) -> tuple[str, ...]:
     return tuple(missing)
 
 
-def run_rule(run: Run, rule: Rule) -> list[Finding]:
+def run_rule(
+    run: Run,
+    rule: Rule,
+    *,
+    timeout: float = DEFAULT_RULE_TIMEOUT,
+    max_findings: int = DEFAULT_MAX_FINDINGS,
+) -> list[Finding]:
     """Run the rule's query and turn each row into a finding.
 
+    Returns at most `max_findings` + 1 findings, so that the caller can tell that there
+    were more. A timer interrupts the query after `timeout` seconds.
+
     Raises:
-        RuleRuntimeError: the query failed, lacks the step columns, or a row does not
-            fit the message template.
+        RuleRuntimeError: the query failed or timed out, lacks the step columns, or a
+            row does not fit the message template.
+        RunError: DuckDB failed to read the run's Parquet parts.
     """
+    timer = threading.Timer(timeout, run.connection.interrupt)
+    timer.start()
     try:
         result = run.connection.execute(rule.query, rule.bound_params())
         columns = [description[0] for description in result.description]
-        rows = result.fetchall()
+        rows = result.fetchmany(max_findings + 1)
+    except duckdb.InterruptException:
+        raise RuleRuntimeError(
+            f"timed out after {timeout:g} s; raise --rule-timeout or simplify the query"
+        ) from None
     except duckdb.Error as error:
-        raise RuleRuntimeError(f"query failed: {error}") from None
-    _check_columns(columns)
+        if run.is_data_error(error):
+            raise run.data_error(error) from None
+        raise RuleRuntimeError(f"query failed: {single_line(error)}") from None
+    finally:
+        timer.cancel()
+        # An interrupt that fires after the query finished leaves the next query alone
+        # (checked with DuckDB 2.0.1), and the join keeps it from firing any later.
+        timer.join()
+    check_result_columns(columns, RuleRuntimeError)
     return [_make_finding(rule, dict(zip(columns, row))) for row in rows]
-
-
-def _check_columns(columns: list[str]) -> None:
-    absent = [name for name in STEP_COLUMNS if name not in columns]
-    if absent:
-        raise RuleRuntimeError(
-            f"query result lacks column {', '.join(absent)}; every row needs step_start "
-            f"and step_end (NULL for a run-level finding); columns: {', '.join(columns)}"
-        )
-    repeated = sorted({name for name in columns if columns.count(name) > 1})
-    if repeated:
-        raise RuleRuntimeError(
-            f"query result has column {', '.join(repeated)} more than once; "
-            "give each column its own alias"
-        )
 
 
 def _make_finding(rule: Rule, row: dict[str, Any]) -> Finding:

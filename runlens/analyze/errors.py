@@ -34,3 +34,20 @@ class RuleFileError(RunlensError):
 
 class ParamOverrideError(RunlensError):
     """A ``--set RULE.PARAM=VALUE`` override that names no parameter or has a bad value."""
+
+
+def single_line(error: BaseException | str) -> str:
+    """Return an error message on one line, such as a DuckDB error for a one-line report.
+
+    DuckDB puts hints (``Candidate bindings: ...``) and the query context (``LINE 1: ...``
+    above a line with a ``^`` marker) on lines of their own. The marker lines go, the
+    other lines are joined with spaces.
+    """
+    lines = [line.strip() for line in str(error).splitlines()]
+    return " ".join(line for line in lines if line and set(line) != {"^"})
+
+
+def os_error_reason(error: OSError) -> str:
+    """Return the reason of an OSError in lowercase words, such as 'permission denied'."""
+    reason = error.strerror or str(error)
+    return reason[:1].lower() + reason[1:]

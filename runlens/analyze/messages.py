@@ -37,6 +37,12 @@ def template_problems(template: str) -> list[str]:
     return problems
 
 
+def template_fields(template: str) -> list[str]:
+    """Return the column names that a valid template reads, in order, without repeats."""
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    return list(dict.fromkeys(fields))
+
+
 def _field_problem(name: str) -> str | None:
     if name == "" or name.isdigit():
         return "positional field {" + name + "}: name a result column, such as {step_start}"

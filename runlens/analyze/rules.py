@@ -6,7 +6,9 @@ then checks what a schema cannot express:
 - the query is exactly one SELECT, and every ``$name`` in it is a declared parameter;
 - param defaults match their types and bounds;
 - required tables exist in the run format;
-- the message template names columns only.
+- the message template names columns only;
+- the query binds against the run's views, empty, and its result has the step columns
+  and every column that the message names (see `query_check`).
 
 Every error names the file, the rule id and the field.
 """
@@ -28,11 +30,14 @@ import jsonschema
 import yaml
 
 from runlens import format as fmt
-from runlens.analyze.errors import ParamOverrideError, RuleFileError
+from runlens.analyze.errors import ParamOverrideError, RuleFileError, single_line
 from runlens.analyze.messages import template_problems
+from runlens.analyze.query_check import query_result_problems
 from runlens.analyze.run import METADATA_VIEWS
 
 RULE_SUFFIXES = (".yaml", ".yml")
+# The --set example for a malformed override when no loaded rule has a parameter.
+OVERRIDE_EXAMPLE = "clipping-every-step.min_share=0.95"
 SCHEMA_PATH = Path(__file__).with_name("rule_schema.json")
 
 
@@ -106,7 +111,11 @@ def builtin_rules_dir() -> Path:
 
 
 def find_rule_files(path: str | os.PathLike[str]) -> list[Path]:
-    """Return the rule file at `path`, or every .yaml and .yml file under the folder."""
+    """Return the rule file at `path`, or every .yaml and .yml file under the folder.
+
+    Raises:
+        RuleFileError: `path` does not exist, or is a folder without rule files.
+    """
     path = Path(path)
     if path.is_file():
         return [path]
@@ -118,6 +127,9 @@ def find_rule_files(path: str | os.PathLike[str]) -> list[Path]:
         for file in path.rglob(f"*{suffix}")
         if file.is_file() and not file.name.startswith(".")
     }
+    if not files:
+        suffixes = ", ".join(RULE_SUFFIXES)
+        raise RuleFileError(f"no rule files ({suffixes}) found in {path}")
     return sorted(files)
 
 
@@ -176,6 +188,8 @@ def load_rule_file(path: str | os.PathLike[str]) -> Rule:
     problems = _schema_problems(document)
     if not problems:
         problems = _semantic_problems(document)
+    if not problems:
+        problems = _query_result_problems(document)
     if problems:
         lines = dict.fromkeys(f"{prefix}: field '{field}': {text}" for field, text in problems)
         raise RuleFileError("\n".join(lines))
@@ -303,6 +317,16 @@ def _semantic_problems(document: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
+def _query_result_problems(document: dict[str, Any]) -> list[tuple[str, str]]:
+    """Return (field, problem) pairs from binding the query to the run's empty views."""
+    params = document.get("params") or {}
+    statement = duckdb.extract_statements(document["query"])[0]
+    defaults = {name: params[name]["default"] for name in statement.named_parameters}
+    return query_result_problems(
+        document["query"], defaults, document["requires"], document["message"]
+    )
+
+
 def _param_problems(field: str, spec: dict[str, Any]) -> list[tuple[str, str]]:
     kind = spec["type"]
     default = spec["default"]
@@ -375,7 +399,7 @@ def _query_problems(query: str, declared: set[str]) -> list[tuple[str, str]]:
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as error:
-        return [("query", f"invalid SQL: {_first_line(error)}")]
+        return [("query", f"invalid SQL: {single_line(error)}")]
     if len(statements) != 1:
         return [("query", f"contains {len(statements)} statements; "
                  "a rule query must be exactly one SELECT")]
@@ -398,10 +422,6 @@ def _query_problems(query: str, declared: set[str]) -> list[tuple[str, str]]:
     return problems
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0]
-
-
 def _build_rule(document: dict[str, Any], path: Path) -> Rule:
     params = {
         name: Param(
@@ -422,8 +442,8 @@ def _build_rule(document: dict[str, Any], path: Path) -> Rule:
         title=document["title"],
         severity=document["severity"],
         category=document["category"],
-        description=document["description"],
-        remediation=document["remediation"],
+        description=document["description"].strip(),
+        remediation=document["remediation"].strip(),
         references=references,
         params=params,
         requires={table: tuple(cols) for table, cols in document["requires"].items()},
@@ -443,8 +463,9 @@ def apply_overrides(rules: Sequence[Rule], overrides: Iterable[str]) -> list[Rul
             those that exist), or a value of the wrong type or out of bounds.
     """
     by_id = {rule.id: rule for rule in rules}
+    example = _override_example(rules)
     for override in overrides:
-        rule_id, name, text = _split_override(override)
+        rule_id, name, text = _split_override(override, example)
         if rule_id not in by_id:
             known = ", ".join(sorted(by_id)) or "none loaded"
             raise ParamOverrideError(f"--set {override}: unknown rule '{rule_id}'; rules: {known}")
@@ -461,13 +482,26 @@ def apply_overrides(rules: Sequence[Rule], overrides: Iterable[str]) -> list[Rul
     return [by_id[rule.id] for rule in rules]
 
 
-def _split_override(override: str) -> tuple[str, str, str]:
+def _override_example(rules: Sequence[Rule]) -> str:
+    """Return a valid override for the first loaded rule that has a parameter."""
+    for rule in rules:
+        for param in rule.params.values():
+            return f"{rule.id}.{param.name}={_override_text(param.default)}"
+    return OVERRIDE_EXAMPLE
+
+
+def _override_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _split_override(override: str, example: str) -> tuple[str, str, str]:
     key, equals, text = override.partition("=")
     rule_id, dot, name = key.strip().partition(".")
     if not equals or not dot or not rule_id or not name:
         raise ParamOverrideError(
-            f"--set {override}: expected RULE.PARAM=VALUE, such as "
-            "--set clip-always-active.min_share=0.5"
+            f"--set {override}: expected RULE.PARAM=VALUE, such as --set {example}"
         )
     return rule_id, name.strip(), text.strip()
 

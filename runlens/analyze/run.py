@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runlens import format as fmt
-from runlens.analyze.errors import RunError
+from runlens.analyze.errors import RunError, single_line
+from runlens.analyze.run_json import read_run_json, unreadable_path_error
 
 logger = logging.getLogger("runlens.analyze")
 
@@ -62,6 +63,7 @@ class Run:
         warnings: problems that did not stop the analysis, such as skipped corrupt parts.
         connection: the DuckDB connection. Its configuration is locked and it can read
             only files under `path`.
+        pages_verified: whether `open` read every data page of the parts (skip_corrupt).
     """
 
     path: Path
@@ -69,6 +71,7 @@ class Run:
     parts: dict[str, list[Path]]
     warnings: list[str]
     connection: duckdb.DuckDBPyConnection
+    pages_verified: bool = False
     _non_null_counts: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -84,31 +87,37 @@ class Run:
 
         Args:
             path: the run directory.
-            skip_corrupt: leave out part files whose Parquet footer does not read, and
-                list them in `warnings`, instead of raising.
+            skip_corrupt: read every part in full, data pages included, and leave out
+                the parts that do not read, listing them in `warnings`. Without it, only
+                each part's footer is read, which is cheap, and a corrupt footer raises.
             memory_limit: DuckDB's memory limit, such as ``"2GB"``.
             threads: DuckDB worker threads (default: the number of CPUs).
 
         Raises:
             RunError: the directory is missing, has no valid ``run.json``, was written
-                by a newer format version, has a corrupt part, or has no recorded steps.
+                by a newer format version, has a corrupt or unreadable part or table
+                folder, or has no recorded steps.
         """
         run_dir = _resolve_run_dir(path)
-        meta = _read_run_json(run_dir)
+        meta = read_run_json(run_dir)
         warnings: list[str] = []
         parts = _find_parts(run_dir, skip_corrupt, warnings)
         _check_has_steps(run_dir, parts)
 
         connection = duckdb.connect(":memory:")
+        run = cls(run_dir, meta, parts, warnings, connection, pages_verified=skip_corrupt)
         try:
-            _create_table_views(connection, parts)
+            try:
+                create_table_views(connection, parts)
+            except duckdb.Error as error:
+                raise run.data_error(error) from None
             connection.register(RUN_PARAMS_VIEW, build_run_params(meta))
             connection.register(SEGMENTS_VIEW, build_segments(meta))
             _lock_sandbox(connection, parts, memory_limit, threads or os.cpu_count() or 1)
         except BaseException:
             connection.close()
             raise
-        return cls(run_dir, meta, parts, warnings, connection)
+        return run
 
     def close(self) -> None:
         self.connection.close()
@@ -136,20 +145,27 @@ class Run:
 
         The columns must exist in the view. Counts are cached, because many rules
         require the same columns.
+
+        Raises:
+            RunError: DuckDB failed to read the table's parts.
         """
         columns = list(columns)
         uncached = [c for c in dict.fromkeys(columns) if (table, c) not in self._non_null_counts]
         if uncached:
             counts_sql = ", ".join(f"count({_quote_name(c)})" for c in uncached)
             sql = f"SELECT {counts_sql} FROM {_quote_name(table)}"
-            counts = self.connection.execute(sql).fetchall()[0]
+            counts = self._fetch_one(sql)
             self._non_null_counts.update(
                 {(table, c): count for c, count in zip(uncached, counts)}
             )
         return {c: self._non_null_counts[(table, c)] for c in columns}
 
     def summary(self) -> RunSummary:
-        """Count the steps, segments and ranks in the `scalars` table."""
+        """Count the steps, segments and ranks in the `scalars` table.
+
+        Raises:
+            RunError: DuckDB failed to read the `scalars` parts.
+        """
         scalar_columns = self.columns("scalars")
         segment_sql = "count(DISTINCT segment)" if "segment" in scalar_columns else "NULL"
         rank_sql = "count(DISTINCT rank)" if "rank" in scalar_columns else "1"
@@ -157,7 +173,7 @@ class Run:
             f"SELECT count(DISTINCT step), min(step), max(step), {segment_sql}, {rank_sql} "
             "FROM scalars"
         )
-        steps, first, last, segments, ranks = self.connection.execute(sql).fetchall()[0]
+        steps, first, last, segments, ranks = self._fetch_one(sql)
         if segments is None:
             segments = max(len(self.meta.get("segments") or []), 1)
         return RunSummary(
@@ -172,11 +188,59 @@ class Run:
         )
 
 
+    def is_data_error(self, error: duckdb.Error) -> bool:
+        """Return whether a DuckDB error came from reading the run's Parquet parts.
+
+        DuckDB reports a corrupt page as an IO or invalid-input error that names the
+        file, such as ``Failed to read file "...": Snappy decompression failure``.
+        """
+        return isinstance(error, duckdb.IOException) or self._part_named_in(str(error)) is not None
+
+    def data_error(self, error: duckdb.Error) -> RunError:
+        """Return the RunError for a DuckDB error raised while reading the run's data."""
+        message = single_line(error)
+        fix = "move it aside or rerun with --skip-corrupt"
+        if self.pages_verified:
+            # --skip-corrupt already read every page with pyarrow, so it would not help.
+            fix = "move it aside"
+        part = self._part_named_in(message)
+        if part is not None:
+            return RunError(
+                f"{part}: cannot read Parquet data: {message}; the part may be corrupt; {fix}"
+            )
+        if self.is_data_error(error):
+            return RunError(
+                f"{self.path}: cannot read Parquet data: {message}; a part may be corrupt; {fix}"
+            )
+        return RunError(f"{self.path}: reading the run's data failed: {message}")
+
+    def _part_named_in(self, message: str) -> Path | None:
+        for files in self.parts.values():
+            for file in files:
+                if str(file) in message:
+                    return file
+        return None
+
+    def _fetch_one(self, sql: str) -> tuple[Any, ...]:
+        try:
+            return self.connection.execute(sql).fetchall()[0]
+        except duckdb.Error as error:
+            raise self.data_error(error) from None
+
+
 def _resolve_run_dir(path: str | os.PathLike[str]) -> Path:
     run_dir = Path(path).expanduser().resolve()
-    if not run_dir.exists():
-        raise RunError(f"{path}: run directory not found")
-    if not run_dir.is_dir() or not (run_dir / fmt.RUN_FILE).is_file():
+    try:
+        if not run_dir.exists():
+            raise RunError(f"{path}: run directory not found")
+        if not run_dir.is_dir():
+            raise RunError(
+                f"{path}: is a file; pass the run directory that contains {fmt.RUN_FILE}"
+            )
+        has_run_file = (run_dir / fmt.RUN_FILE).exists()
+    except OSError as error:
+        raise unreadable_path_error(run_dir, "cannot list the run directory", error) from None
+    if not has_run_file:
         raise RunError(
             f"{path}: not a runlens run directory (no {fmt.RUN_FILE}); "
             "pass the folder that the recorder created"
@@ -184,63 +248,79 @@ def _resolve_run_dir(path: str | os.PathLike[str]) -> Path:
     return run_dir
 
 
-def _read_run_json(run_dir: Path) -> dict[str, Any]:
-    run_file = run_dir / fmt.RUN_FILE
-    try:
-        meta = json.loads(run_file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise RunError(f"{run_file}: invalid {fmt.RUN_FILE}: not UTF-8 text ({error})") from None
-    except json.JSONDecodeError as error:
-        raise RunError(
-            f"{run_file}: invalid JSON at line {error.lineno} column {error.colno}: "
-            f"{error.msg}; the file may be truncated, restore it from the training machine"
-        ) from None
-    if not isinstance(meta, dict):
-        raise RunError(f"{run_file}: invalid {fmt.RUN_FILE}: expected a JSON object")
-    _check_format_version(run_file, meta.get("format_version"))
-    return meta
-
-
-def _check_format_version(run_file: Path, version: Any) -> None:
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise RunError(
-            f"{run_file}: field 'format_version': expected an integer, got {version!r}"
-        )
-    if version > fmt.FORMAT_VERSION:
-        raise RunError(
-            f"{run_file}: field 'format_version': {version} is newer than this runlens "
-            f"reads ({fmt.FORMAT_VERSION}); upgrade runlens to analyze this run"
-        )
-
-
 def _find_parts(run_dir: Path, skip_corrupt: bool, warnings: list[str]) -> dict[str, list[Path]]:
-    """Return table -> readable part files, for the tables in the format that have parts."""
+    """Return table -> readable part files, for the tables in the format that have parts.
+
+    A table folder or rank folder that cannot be listed, and a part that cannot be
+    opened, raise RunError: skipping them would drop data without a trace.
+    """
     parts: dict[str, list[Path]] = {}
     for table in fmt.TABLES:
-        candidates = sorted(
-            file
-            for file in (run_dir / table).glob(f"rank-*/{fmt.PART_PREFIX}*{fmt.PART_SUFFIX}")
-            if not file.name.startswith(fmt.TEMP_PREFIX) and file.is_file()
-        )
-        readable = [file for file in candidates if _footer_reads(file, skip_corrupt, warnings)]
+        candidates = _part_candidates(run_dir / table)
+        readable = [file for file in candidates if _part_reads(file, skip_corrupt, warnings)]
         if readable:
             parts[table] = readable
     return parts
 
 
-def _footer_reads(file: Path, skip_corrupt: bool, warnings: list[str]) -> bool:
+def _part_candidates(table_dir: Path) -> list[Path]:
+    """Return the paths under ``<table>/rank-*/`` whose names are part names, sorted.
+
+    Temporary parts (``.tmp-`` names) are left out. A path with a part name that is not
+    a regular file is kept, so that opening it reports the problem.
+    """
+    if not os.path.lexists(table_dir):
+        return []
+    candidates = []
+    for rank_dir in _list_folder(table_dir):
+        if not (rank_dir.name.startswith("rank-") and rank_dir.is_dir()):
+            continue
+        candidates += [
+            file
+            for file in _list_folder(rank_dir)
+            if file.name.startswith(fmt.PART_PREFIX) and file.name.endswith(fmt.PART_SUFFIX)
+        ]
+    return sorted(candidates)
+
+
+def _list_folder(folder: Path) -> list[Path]:
     try:
-        pq.read_metadata(file)
-    except (OSError, pa.ArrowException) as error:
-        if not skip_corrupt:
-            raise RunError(
-                f"{file}: corrupt Parquet part ({error}); move the file out of the run "
-                "directory, or pass --skip-corrupt to analyze the run without it"
-            ) from None
-        warnings.append(f"skipped corrupt Parquet part {file}: {error}")
-        logger.warning("skipped corrupt Parquet part %s: %s", file, error)
-        return False
+        return sorted(folder.iterdir())
+    except OSError as error:
+        raise unreadable_path_error(folder, "cannot list table folder", error) from None
+
+
+def _part_reads(file: Path, skip_corrupt: bool, warnings: list[str]) -> bool:
+    """Return whether a part reads: its footer, or with `skip_corrupt` every data page.
+
+    An OS error on opening (permission denied, a folder in place of the file) raises
+    whether or not `skip_corrupt` is set, because the part is not corrupt.
+    """
+    try:
+        handle = open(file, "rb")
+    except OSError as error:
+        raise unreadable_path_error(file, "cannot read", error) from None
+    with handle:
+        try:
+            if skip_corrupt:
+                pq.read_table(handle)
+            else:
+                pq.read_metadata(handle)
+        except (OSError, pa.ArrowException) as error:
+            # pyarrow raises OSError for corrupt data too, such as bad snappy pages.
+            return _corrupt_part(file, single_line(error), skip_corrupt, warnings)
     return True
+
+
+def _corrupt_part(file: Path, problem: str, skip_corrupt: bool, warnings: list[str]) -> bool:
+    if not skip_corrupt:
+        raise RunError(
+            f"{file}: corrupt Parquet part ({problem}); move the file out of the run "
+            "directory, or pass --skip-corrupt to analyze the run without it"
+        )
+    warnings.append(f"skipped corrupt Parquet part {file}: {problem}")
+    logger.warning("skipped corrupt Parquet part %s: %s", file, problem)
+    return False
 
 
 def _check_has_steps(run_dir: Path, parts: dict[str, list[Path]]) -> None:
@@ -253,8 +333,10 @@ def _check_has_steps(run_dir: Path, parts: dict[str, list[Path]]) -> None:
         )
 
 
-def _create_table_views(
-    connection: duckdb.DuckDBPyConnection, parts: dict[str, list[Path]]
+def create_table_views(
+    connection: duckdb.DuckDBPyConnection,
+    parts: dict[str, list[Path]],
+    extra_columns: dict[str, Iterable[str]] | None = None,
 ) -> None:
     """Create one view per table of the format, whether or not the run has parts for it.
 
@@ -262,6 +344,11 @@ def _create_table_views(
     a rule that reads an optional column (Adam's `state_step` in an SGD run) still binds.
     Whether a rule's signals are really present is decided by its `requires`, which
     counts non-NULL values. Tables without parts are empty views.
+
+    `extra_columns` adds columns of DuckDB's NULL type, which binds in any expression, to
+    the views of tables without parts. The rule loader checks queries against these empty
+    views and adds the columns that a rule requires beyond the format, such as user
+    scalars.
     """
     # NOTE: part files may differ in their columns, so every view reads an explicit file
     # list with union_by_name. A glob would fail on the first schema change.
@@ -279,10 +366,13 @@ def _create_table_views(
     for table, columns in fmt.TABLES.items():
         if table in parts:
             continue
-        select = ", ".join(
+        typed = [
             f"CAST(NULL AS {_duckdb_type(kind)}) AS {_quote_name(column)}"
             for column, kind in columns.items()
-        )
+        ]
+        extra = (extra_columns or {}).get(table, ())
+        untyped = [f"NULL AS {_quote_name(c)}" for c in dict.fromkeys(extra) if c not in columns]
+        select = ", ".join(typed + untyped)
         connection.execute(f"CREATE VIEW {_quote_name(table)} AS SELECT {select} WHERE false")
 
 
