@@ -49,6 +49,14 @@ def _options(**overrides) -> dict:
     return options
 
 
+def _adamw(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """Build AdamW with weight decay on matrices only, not on biases or norm gains."""
+    matrices = [param for param in model.parameters() if param.dim() >= 2]
+    vectors = [param for param in model.parameters() if param.dim() < 2]
+    return torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
+                              {"params": vectors, "weight_decay": 0.0}], lr=lr)
+
+
 def _seed(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     torch.set_num_threads(1)
@@ -80,21 +88,34 @@ class Blobs:
 def _train_classifier(run_dir: Path, *, steps: int, seed: int, make_optimizer,
                       make_scheduler=None, clip: float | None = None, classes: int = 4,
                       class_weights: Callable[[int], torch.Tensor | None] = lambda step: None,
-                      eval_every: int = 50, config: dict | None = None) -> None:
-    """Train a classifier on blobs with the recorder on; the common loop of most scenarios."""
+                      eval_every: int = 50, config: dict | None = None,
+                      alter_batch=None, loss_fn=F.cross_entropy, train_size: int | None = None,
+                      hidden: int = 32) -> None:
+    """Train a classifier on blobs with the recorder on; the common loop of most scenarios.
+
+    `alter_batch(step, inputs, labels)` returns the batch that is really trained on, to
+    induce data faults. `train_size` trains on a fixed set of that many examples.
+    """
     generator = _seed(seed)
     data = Blobs(classes, generator)
     validation = data.sample(2000)
-    model = _classifier(classes)
+    fixed_set = data.sample(train_size) if train_size else None
+    model = _classifier(classes, hidden)
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer) if make_scheduler else None
     train_targets, train_predictions = [], []
     with runlens.record(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                         config=config or {}, **_options()) as rec:
         for step in range(steps):
-            inputs, labels = data.sample(64, class_weights(step))
+            if fixed_set is None:
+                inputs, labels = data.sample(64, class_weights(step))
+            else:
+                chosen = torch.randint(0, train_size, (64,), generator=generator)
+                inputs, labels = fixed_set[0][chosen], fixed_set[1][chosen]
+            if alter_batch is not None:
+                inputs, labels = alter_batch(step, inputs, labels)
             logits = model(inputs)
-            loss = F.cross_entropy(logits, labels)
+            loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip is not None:
@@ -146,7 +167,7 @@ def rare_class_collapse(run_dir: Path, seed: int = 2) -> None:
 
     _train_classifier(
         run_dir, steps=800, seed=seed, class_weights=class_weights,
-        make_optimizer=lambda model: torch.optim.AdamW(model.parameters(), lr=3e-3),
+        make_optimizer=lambda model: _adamw(model, lr=3e-3),
         config={"scenario": "rare-class-collapse"})
 
 
@@ -236,7 +257,7 @@ def _train_two_tasks(run_dir: Path, seed: int, *, regression_weight: float,
     data = Blobs(4, generator)
     direction = torch.randn(FEATURES, generator=generator) / FEATURES ** 0.5
     model = TwoTaskModel()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    optimizer = _adamw(model, lr=2e-3)
     weights = {"classification": 1.0, "regression": regression_weight}
     with runlens.record(run_dir, model=model, optimizer=optimizer,
                         shared_params=model.backbone, config={"scenario": scenario},
@@ -255,10 +276,112 @@ def _train_two_tasks(run_dir: Path, seed: int, *, regression_weight: float,
             rec.step(total, losses=losses, loss_weights=weights)
 
 
+def non_finite_values(run_dir: Path, seed: int = 6) -> None:
+    """Standardize each batch by its own std, and feed a dead sensor from step 200.
+
+    From step 200 feature 0 is constant, so its batch std is zero, 0/0 gives NaN inputs,
+    and the loss, the gradients and then every weight become NaN.
+    """
+    def standardized(step, inputs, labels):
+        if step >= 200:
+            inputs = inputs.clone()
+            inputs[:, 0] = 0.5
+        return (inputs - inputs.mean(dim=0)) / inputs.std(dim=0), labels
+
+    _train_classifier(
+        run_dir, steps=300, seed=seed, alter_batch=standardized,
+        make_optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=1e-3),
+        config={"scenario": "non-finite-values"})
+
+
+def loss_spike(run_dir: Path, seed: int = 7) -> None:
+    """Train on five batches of shuffled labels at steps 400-404, as a corrupt shard would.
+
+    The learning rate is constant, so no schedule boundary explains the spike.
+    """
+    def corrupt_shard(step, inputs, labels):
+        if 400 <= step < 405:
+            return inputs, labels[torch.randperm(len(labels))]
+        return inputs, labels
+
+    _train_classifier(
+        run_dir, steps=600, seed=seed, alter_batch=corrupt_shard,
+        make_optimizer=lambda model: _adamw(model, lr=2e-3),
+        config={"scenario": "loss-spike"})
+
+
+def gradient_explosion(run_dir: Path, seed: int = 8) -> None:
+    """Grow SGD's learning rate 2% per step from 0.01, as a range test left running would.
+
+    The weights and gradient norm grow by orders of magnitude and the loss diverges.
+    """
+    _train_classifier(
+        run_dir, steps=400, seed=seed,
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.01),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.ExponentialLR(
+            optimizer, 1.02),
+        config={"scenario": "gradient-explosion"})
+
+
+def divergence(run_dir: Path, seed: int = 17) -> None:
+    """Raise SGD's learning rate linearly 40x over the second half of training.
+
+    The schedule was meant to decay (a sign error in the lambda), so the loss climbs
+    back above where it started without ever becoming NaN.
+    """
+    def factor(step: int) -> float:
+        return 1.0 if step < 300 else 1.0 + 39.0 * (step - 300) / 300
+
+    _train_classifier(
+        run_dir, steps=600, seed=seed,
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
+        config={"scenario": "divergence"})
+
+
+def weight_decay_on_norm_or_bias(run_dir: Path, seed: int = 9) -> None:
+    """Pass all parameters to AdamW with weight decay 0.1, LayerNorm and biases included."""
+    _train_classifier(
+        run_dir, steps=300, seed=seed,
+        make_optimizer=lambda model: torch.optim.AdamW(model.parameters(), lr=3e-3,
+                                                       weight_decay=0.1),
+        config={"scenario": "weight-decay-on-norm-or-bias"})
+
+
+def update_ratio_out_of_range(run_dir: Path, seed: int = 10) -> None:
+    """Give the first layer its own param group with lr 1e-8, a mistyped multiplier."""
+    def optimizer(model):
+        first = list(model[0].parameters())
+        rest = [param for module in list(model)[1:] for param in module.parameters()]
+        return torch.optim.Adam([{"params": first, "lr": 1e-8}, {"params": rest}], lr=3e-3)
+
+    _train_classifier(run_dir, steps=400, seed=seed, make_optimizer=optimizer,
+                      config={"scenario": "update-ratio-out-of-range"})
+
+
+def clipping_never_fires(run_dir: Path, seed: int = 15) -> None:
+    """Clip at max_norm=1000, far above any gradient norm of this model."""
+    _train_classifier(
+        run_dir, steps=300, seed=seed, clip=1000.0,
+        make_optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=2e-3),
+        config={"scenario": "clipping-never-fires"})
+
+
+def overfitting(run_dir: Path, seed: int = 16) -> None:
+    """Train a wide network on 60 fixed examples for 1500 steps: it memorizes them."""
+    _train_classifier(
+        run_dir, steps=1500, seed=seed, train_size=60, hidden=256, eval_every=50,
+        make_optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=3e-4),
+        config={"scenario": "overfitting"})
+
+
 # -- healthy scenarios --------------------------------------------------------------------
 
 def healthy_adamw_warmup_cosine(run_dir: Path, seed: int = 11) -> None:
-    """AdamW with linear warmup then cosine decay, clipping at 1.0, balanced classes."""
+    """Train AdamW with linear warmup then cosine decay, clipping at 1.0, balanced classes.
+
+    Weight decay applies to weight matrices only, as it should.
+    """
     steps, warmup = 600, 60
 
     def schedule(optimizer):
@@ -269,8 +392,7 @@ def healthy_adamw_warmup_cosine(run_dir: Path, seed: int = 11) -> None:
 
     _train_classifier(
         run_dir, steps=steps, seed=seed, clip=1.0, make_scheduler=schedule,
-        make_optimizer=lambda model: torch.optim.AdamW(model.parameters(), lr=3e-3,
-                                                       weight_decay=0.01),
+        make_optimizer=lambda model: _adamw(model, lr=3e-3, weight_decay=0.01),
         config={"scenario": "healthy"})
 
 
@@ -301,6 +423,14 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "schedule-boundary-spike": schedule_boundary_spike,
     "optimizer-state-mismatch": optimizer_state_mismatch,
     "task-gradient-imbalance": task_gradient_imbalance,
+    "non-finite-values": non_finite_values,
+    "loss-spike": loss_spike,
+    "gradient-explosion": gradient_explosion,
+    "divergence": divergence,
+    "weight-decay-on-norm-or-bias": weight_decay_on_norm_or_bias,
+    "update-ratio-out-of-range": update_ratio_out_of_range,
+    "clipping-never-fires": clipping_never_fires,
+    "overfitting": overfitting,
     "healthy-adamw-warmup-cosine": healthy_adamw_warmup_cosine,
     "healthy-sgd-step-decay": healthy_sgd_step_decay,
     "healthy-resume": healthy_resume,

@@ -40,7 +40,33 @@ EXPECTED = {
     "schedule-boundary-spike": ("schedule-boundary-spike", 300, 309),
     "optimizer-state-mismatch": ("optimizer-state-mismatch", 300, 300),
     "task-gradient-imbalance": ("task-gradient-imbalance", 0, 395),
+    "non-finite-values": ("non-finite-values", 200, 299),
+    "loss-spike": ("loss-spike", 400, 404),
+    "gradient-explosion": ("gradient-explosion", 175, 276),
+    "divergence": ("divergence", 214, 599),
+    "weight-decay-on-norm-or-bias": ("weight-decay-on-norm-or-bias", None, None),
+    "update-ratio-out-of-range": ("update-ratio-out-of-range", 0, 390),
+    "clipping-never-fires": ("clipping-never-fires", 0, 299),
+    "overfitting": ("overfitting", 149, 1499),
 }
+
+# Other rules that rightly fire on a failure run, because one fault shows in several
+# signals: an exploding gradient also diverges, spikes and turns the loss NaN.
+ALSO_EXPECTED = {
+    "gradient-explosion": {"divergence", "non-finite-values", "loss-spike",
+                           "update-ratio-out-of-range"},
+    "non-finite-values": {"divergence"},
+    # Ramping SGD's lr up makes the loss spike on its way up, and then kills the ReLUs,
+    # so the weights stop moving.
+    "divergence": {"loss-spike", "update-ratio-out-of-range"},
+    # The collapsed class is a quarter of the balanced validation set, so its lost recall
+    # raises the validation loss while the training loss falls.
+    "rare-class-collapse": {"overfitting"},
+}
+
+# Info findings that healthy runs may carry: clipping at 5.0 never fires in a run whose
+# largest gradient norm is 1.8, which is worth knowing but is no fault.
+HEALTHY_INFO = {"healthy-sgd-step-decay": {"clipping-never-fires"}}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +101,11 @@ def test_every_builtin_rule_has_scenario(rules) -> None:
                                                        EXPECTED.values())
 
 
+def test_every_rule_has_page(rules) -> None:
+    missing = [rule.id for rule in rules if not (ROOT / "docs" / "rules" / f"{rule.id}.md").is_file()]
+    assert missing == []
+
+
 @pytest.mark.parametrize("name", FAILURES)
 def test_rule_fires_on_sample_run(name: str, rules) -> None:
     keys = [finding.key for finding in _findings(SAMPLE_RUNS / name, rules)]
@@ -88,20 +119,27 @@ def test_rule_fires_on_fresh_run(name: str, rules, fresh_runs) -> None:
 
 
 @pytest.mark.parametrize("name", FAILURES)
-def test_failure_run_has_no_unrelated_error(name: str, rules) -> None:
+def test_failure_run_has_no_unrelated_finding(name: str, rules) -> None:
+    allowed = {EXPECTED[name][0]} | ALSO_EXPECTED.get(name, set())
     unrelated = [finding.key for finding in _findings(SAMPLE_RUNS / name, rules)
-                 if finding.rule_id != EXPECTED[name][0]]
+                 if finding.rule_id not in allowed]
     assert unrelated == []
+
+
+def _unexpected_on_healthy(name: str, findings) -> list:
+    allowed_info = HEALTHY_INFO.get(name, set())
+    return [finding.key for finding in findings
+            if finding.severity != "info" or finding.rule_id not in allowed_info]
 
 
 @pytest.mark.parametrize("name", HEALTHY)
 def test_rules_silent_on_healthy_sample_run(name: str, rules) -> None:
-    assert [finding.key for finding in _findings(SAMPLE_RUNS / name, rules)] == []
+    assert _unexpected_on_healthy(name, _findings(SAMPLE_RUNS / name, rules)) == []
 
 
 @pytest.mark.parametrize("name", HEALTHY)
 def test_rules_silent_on_healthy_fresh_run(name: str, rules, fresh_runs) -> None:
-    assert [finding.key for finding in _findings(fresh_runs[name], rules)] == []
+    assert _unexpected_on_healthy(name, _findings(fresh_runs[name], rules)) == []
 
 
 @pytest.mark.parametrize("name", FAILURES)
