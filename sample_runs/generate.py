@@ -359,6 +359,53 @@ def update_ratio_out_of_range(run_dir: Path, seed: int = 10) -> None:
                       config={"scenario": "update-ratio-out-of-range"})
 
 
+def adam_with_l2(run_dir: Path, seed: int = 18) -> None:
+    """Use torch.optim.Adam with weight_decay=0.01, which Adam applies as L2."""
+    _train_classifier(
+        run_dir, steps=300, seed=seed,
+        make_optimizer=lambda model: torch.optim.Adam(
+            [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.01},
+             {"params": [p for p in model.parameters() if p.dim() < 2]}], lr=2e-3),
+        config={"scenario": "adam-with-l2"})
+
+
+def trainable_param_not_updated(run_dir: Path, seed: int = 19) -> None:
+    """Build the optimizer from every layer but the output layer, which stays at its init."""
+    def optimizer(model):
+        layers = list(model)[:-1]
+        return torch.optim.Adam([p for layer in layers for p in layer.parameters()], lr=2e-3)
+
+    _train_classifier(run_dir, steps=300, seed=seed, make_optimizer=optimizer,
+                      config={"scenario": "trainable-param-not-updated"})
+
+
+def lr_schedule_unit_mismatch(run_dir: Path, seed: int = 21) -> None:
+    """Step CosineAnnealingLR every batch with T_max=20, meant as 20 epochs."""
+    _train_classifier(
+        run_dir, steps=600, seed=seed,
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=20),
+        config={"scenario": "lr-schedule-unit-mismatch"})
+
+
+def loss_metric_divergence(run_dir: Path, seed: int = 22) -> None:
+    """Relabel class 1 as class 2 in the training data from step 300, as a bad new source.
+
+    The model learns the wrong mapping, so the training loss keeps falling while the
+    accuracy on the correctly labelled validation set drops.
+    """
+    def relabel(step, inputs, labels):
+        if step < 300:
+            return inputs, labels
+        return inputs, torch.where(labels == 1, torch.full_like(labels, 2), labels)
+
+    _train_classifier(
+        run_dir, steps=700, seed=seed, alter_batch=relabel,
+        make_optimizer=lambda model: _adamw(model, lr=3e-3),
+        config={"scenario": "loss-metric-divergence"})
+
+
 def clipping_never_fires(run_dir: Path, seed: int = 15) -> None:
     """Clip at max_norm=1000, far above any gradient norm of this model."""
     _train_classifier(
@@ -430,6 +477,10 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "weight-decay-on-norm-or-bias": weight_decay_on_norm_or_bias,
     "update-ratio-out-of-range": update_ratio_out_of_range,
     "clipping-never-fires": clipping_never_fires,
+    "adam-with-l2": adam_with_l2,
+    "trainable-param-not-updated": trainable_param_not_updated,
+    "lr-schedule-unit-mismatch": lr_schedule_unit_mismatch,
+    "loss-metric-divergence": loss_metric_divergence,
     "overfitting": overfitting,
     "healthy-adamw-warmup-cosine": healthy_adamw_warmup_cosine,
     "healthy-sgd-step-decay": healthy_sgd_step_decay,

@@ -48,6 +48,10 @@ EXPECTED = {
     "update-ratio-out-of-range": ("update-ratio-out-of-range", 0, 390),
     "clipping-never-fires": ("clipping-never-fires", 0, 299),
     "overfitting": ("overfitting", 149, 1499),
+    "adam-with-l2": ("adam-with-l2", None, None),
+    "trainable-param-not-updated": ("trainable-param-not-updated", None, None),
+    "lr-schedule-unit-mismatch": ("lr-schedule-unit-mismatch", 18, 599),
+    "loss-metric-divergence": ("loss-metric-divergence", 149, 699),
 }
 
 # Other rules that rightly fire on a failure run, because one fault shows in several
@@ -60,8 +64,15 @@ ALSO_EXPECTED = {
     # so the weights stop moving.
     "divergence": {"loss-spike", "update-ratio-out-of-range"},
     # The collapsed class is a quarter of the balanced validation set, so its lost recall
-    # raises the validation loss while the training loss falls.
-    "rare-class-collapse": {"overfitting"},
+    # raises the validation loss and lowers the accuracy while the training loss falls.
+    "rare-class-collapse": {"overfitting", "loss-metric-divergence"},
+    # Relabelling class 1 as class 2 makes class 1 vanish from the training labels (a rare
+    # class that collapses), spikes the loss where the labels change, and raises the
+    # validation loss.
+    "loss-metric-divergence": {"rare-class-collapse", "overfitting", "loss-spike"},
+    # Each climb of the cycling cosine back to its peak is a boundary, and the loss
+    # spikes after some of them.
+    "lr-schedule-unit-mismatch": {"schedule-boundary-spike"},
 }
 
 # Info findings that healthy runs may carry: clipping at 5.0 never fires in a run whose

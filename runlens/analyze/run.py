@@ -410,7 +410,8 @@ def build_run_params(meta: dict[str, Any]) -> pa.Table:
     """Build one row per parameter from run.json's params and optimizer param groups.
 
     Columns: name, kind, module_type, dtype, shape, numel, requires_grad, group (the
-    index of the param group that contains the parameter, NULL if none), lr, weight_decay,
+    index of the param group that contains the parameter, NULL if none), optimizer_class
+    (the optimizer's class name, the same on every row), lr, weight_decay,
     and one column for every other hyperparameter that a param group sets (betas, eps,
     momentum, ...). A parameter that only a param group names gets NULL param fields.
     """
@@ -430,6 +431,9 @@ def build_run_params(meta: dict[str, Any]) -> pa.Table:
 
     columns = _param_columns(names, by_name)
     columns["group"] = pa.array([group_of.get(n) for n in names], pa.int64())
+    optimizer = meta.get("optimizer") or {}
+    optimizer_class = optimizer.get("class") if isinstance(optimizer, dict) else None
+    columns["optimizer_class"] = pa.array([optimizer_class] * len(names), pa.string())
     keys = ["lr", "weight_decay"]
     keys += sorted({key for _, hyper in groups.values() for key in hyper} - set(keys))
     for key in keys:
