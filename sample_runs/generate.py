@@ -406,6 +406,89 @@ def loss_metric_divergence(run_dir: Path, seed: int = 22) -> None:
         config={"scenario": "loss-metric-divergence"})
 
 
+class NormalizedEmbedding(nn.Module):
+    """An embedding without bias whose output is L2-normalized by a hand-written norm.
+
+    For an all-zero input row the embedding is zero and its norm sqrt(0): the forward
+    pass stays finite (0 / (0 + eps)), but the gradient of sqrt at zero is inf, and
+    inf * 0 puts NaN into the embedding's weight gradient.
+    """
+
+    def __init__(self, classes: int = 4, hidden: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, hidden, bias=False)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, inputs):
+        features = self.embed(inputs)
+        norms = torch.sqrt((features ** 2).sum(dim=-1, keepdim=True))
+        return self.head(features / (norms + 1e-6))
+
+
+def _train_with_scaler(run_dir: Path, *, seed: int, steps: int, scenario: str,
+                       scaler_options: dict, clip: float | None = None,
+                       clip_before_unscale: bool = False, alter_batch=None,
+                       model: nn.Module | None = None) -> None:
+    """Train a classifier on blobs with a CPU GradScaler, as an AMP loop does."""
+    generator = _seed(seed)
+    data = Blobs(4, generator)
+    model = model() if model is not None else _classifier(4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    scaler = torch.amp.GradScaler("cpu", **scaler_options)
+    with runlens.record(run_dir, model=model, optimizer=optimizer, scaler=scaler,
+                        config={"scenario": scenario}, **_options()) as rec:
+        for step in range(steps):
+            inputs, labels = data.sample(64)
+            if alter_batch is not None:
+                inputs, labels = alter_batch(step, inputs, labels)
+            loss = F.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if clip is not None and clip_before_unscale:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            elif clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            scaler.step(optimizer)
+            scaler.update()
+            rec.step(loss)
+
+
+def amp_skipped_steps(run_dir: Path, seed: int = 23) -> None:
+    """Pad every fifth batch with a zero row before a hand-written L2 normalization.
+
+    The zero row gives NaN weight gradients from a finite loss (see
+    `NormalizedEmbedding`), so the GradScaler skips a fifth of the steps and halves its
+    scale at each skip, faster than it grows it back, until the scale nears zero.
+    """
+    def pad(step, inputs, labels):
+        if step % 5 == 0:
+            inputs = torch.cat([inputs[:-1], torch.zeros_like(inputs[-1:])])
+        return inputs, labels
+
+    _train_with_scaler(run_dir, seed=seed, steps=400, scenario="amp-skipped-steps",
+                       scaler_options={"init_scale": 2.0 ** 16, "growth_interval": 20},
+                       alter_batch=pad, model=NormalizedEmbedding)
+
+
+def clip_before_unscale(run_dir: Path, seed: int = 24) -> None:
+    """Clip at 1.0 right after scaler.scale(loss).backward(), before scaler.unscale_.
+
+    The clip measures gradients multiplied by the loss scale (2**10 and growing), so it
+    clips every step to a norm that means 1/scale after unscaling.
+    """
+    _train_with_scaler(run_dir, seed=seed, steps=400, scenario="clip-before-unscale",
+                       scaler_options={"init_scale": 2.0 ** 10, "growth_interval": 100},
+                       clip=1.0, clip_before_unscale=True)
+
+
+def healthy_amp_clipping(run_dir: Path, seed: int = 25) -> None:
+    """Train with a CPU GradScaler, unscale_ before clipping at 1.0, as the AMP docs show."""
+    _train_with_scaler(run_dir, seed=seed, steps=400, scenario="healthy",
+                       scaler_options={"init_scale": 2.0 ** 10, "growth_interval": 100},
+                       clip=1.0)
+
+
 def clipping_never_fires(run_dir: Path, seed: int = 15) -> None:
     """Clip at max_norm=1000, far above any gradient norm of this model."""
     _train_classifier(
@@ -477,6 +560,8 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "weight-decay-on-norm-or-bias": weight_decay_on_norm_or_bias,
     "update-ratio-out-of-range": update_ratio_out_of_range,
     "clipping-never-fires": clipping_never_fires,
+    "amp-skipped-steps": amp_skipped_steps,
+    "clip-before-unscale": clip_before_unscale,
     "adam-with-l2": adam_with_l2,
     "trainable-param-not-updated": trainable_param_not_updated,
     "lr-schedule-unit-mismatch": lr_schedule_unit_mismatch,
@@ -486,6 +571,7 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "healthy-sgd-step-decay": healthy_sgd_step_decay,
     "healthy-resume": healthy_resume,
     "healthy-two-tasks": healthy_two_tasks,
+    "healthy-amp-clipping": healthy_amp_clipping,
 }
 
 

@@ -52,6 +52,8 @@ EXPECTED = {
     "trainable-param-not-updated": ("trainable-param-not-updated", None, None),
     "lr-schedule-unit-mismatch": ("lr-schedule-unit-mismatch", 18, 599),
     "loss-metric-divergence": ("loss-metric-divergence", 149, 699),
+    "amp-skipped-steps": ("amp-skipped-steps", 100, 399),
+    "clip-before-unscale": ("clip-before-unscale", 0, 399),
 }
 
 # Other rules that rightly fire on a failure run, because one fault shows in several
@@ -73,6 +75,8 @@ ALSO_EXPECTED = {
     # Each climb of the cycling cosine back to its peak is a boundary, and the loss
     # spikes after some of them.
     "lr-schedule-unit-mismatch": {"schedule-boundary-spike"},
+    # Clipping scaled gradients at 1.0 clips every step.
+    "clip-before-unscale": {"clipping-every-step"},
 }
 
 # Info findings that healthy runs may carry: clipping at 5.0 never fires in a run whose
