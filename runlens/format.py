@@ -40,6 +40,10 @@ TABLES: dict[str, dict[str, str]] = {
         "nonfinite_loss": "int64",
         "nonfinite_grad_tensors": "int64",
         "optimizer_state_tensors": "int64",
+        "batch_size": "int64",
+        "micro_batches": "int64",
+        "batch_groups": "int64",
+        "batch_largest_group": "int64",
     },
     "param_groups": {
         "step": "int64",
@@ -105,6 +109,14 @@ TABLES: dict[str, dict[str, str]] = {
         "precision": "float64",
         "support": "int64",
         "predicted": "int64",
+    },
+    "split_groups": {
+        "step": "int64",
+        "segment": "int32",
+        "rank": "int32",
+        "split": "string",
+        "group": "string",
+        "examples": "int64",
     },
     "events": {
         "step": "int64",

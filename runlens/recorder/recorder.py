@@ -21,7 +21,7 @@ import torch
 
 import runlens
 from runlens import format as run_format
-from runlens.recorder import arguments, class_metrics, model_info, values
+from runlens.recorder import arguments, batches, class_metrics, model_info, values
 from runlens.recorder.buffers import TableBuffer
 from runlens.recorder.checkpoint_probe import CheckpointProbe
 from runlens.recorder.clipping_probe import ClippingProbe
@@ -58,7 +58,8 @@ class Recorder:
             last recorded step, or 0 for a new run.
         strict: raise recorder errors into training instead of logging them (default
             False, for tests of the recorder itself). Invalid values passed to `step`,
-            `log_eval` or `log_classes` are dropped with a warning in both modes.
+            `log_eval`, `log_classes`, `log_batch` or `log_split_groups` are dropped
+            with a warning in both modes.
         rank: this process's rank. Defaults to `torch.distributed`'s rank, or 0.
 
     Raises:
@@ -104,6 +105,8 @@ class Recorder:
         self._steps_since_flush = 0
         self._last_flush = time.monotonic()
         self._tasks_probed_at: int | None = None
+        self._batch = batches.BatchAccumulator()
+        self._warned_device_groups = False
 
         params, names = model_info.describe_params(model)
         if optimizer is not None:
@@ -233,6 +236,7 @@ class Recorder:
         row.update(self._clipping.take())
         if self._scaler is not None:
             row.update(self._scaler.take())
+        row.update(self._take_batch_columns())
 
         # the loss, task losses and user scalars. An invalid value is dropped before its
         # row is added, so it costs only itself.
@@ -447,6 +451,88 @@ class Recorder:
         keys = {"step": at, "segment": self.segment, "rank": self.rank}
         for row in rows:
             self._buffers["classes"].add_row({**keys, "split": split, **row})
+
+    def log_batch(self, size: int | None = None, groups: Any = None) -> None:
+        """Add one micro-batch (or a whole batch) to the composition of the current step.
+
+        Call it once per micro-batch before `step()`. `groups` holds one group id (a str
+        or an int, such as a scene or patient id) per example, as a list, tuple, numpy
+        array or integer tensor. `size` defaults to ``len(groups)``. A CPU tensor adds no
+        sync, but reading a CUDA tensor synchronizes, with one warning. An invalid call
+        is dropped with a warning, and the step's batch columns are then null.
+        """
+        self._guard("batch logging", self._log_batch, size, groups)
+
+    def _log_batch(self, size, groups) -> None:
+        try:
+            if size is None and groups is None:
+                raise batches.InvalidGroups("missing", "pass size, groups or both.")
+            if size is not None:
+                size = batches.check_size(size)
+            counts = None
+            if groups is not None:
+                self._warn_if_device_groups(groups, "log_batch")
+                counts = batches.count_groups(groups, allow_mapping=False)
+                group_size = sum(counts.values())
+                if size is None:
+                    size = group_size
+                elif size != group_size:
+                    raise batches.InvalidGroups("length", f"size={size} but groups has "
+                                                f"{group_size} ids. Pass one id per example.")
+        except batches.InvalidGroups as error:
+            self._batch.mark_invalid()
+            self._dropped.drop(f"log_batch {error.kind}", (
+                f"runlens dropped a log_batch call at step {self.step_index}, so the batch "
+                f"columns of that step are null: {error}"))
+            return
+        self._batch.add(size, counts)
+
+    def _take_batch_columns(self) -> dict[str, int | None]:
+        """Return this step's batch columns, or {} when batch logging is off."""
+        if "batch logging" in self._disabled:
+            return {}
+        try:
+            return self._batch.take()
+        except Exception as error:  # noqa: BLE001 - only batch logging turns off
+            self._report_error("batch logging", error)
+            return {}
+
+    def log_split_groups(self, split: str, groups: Any) -> None:
+        """Record which groups `split` contains, one `split_groups` row per group.
+
+        `groups` is an iterable of group ids (str or int), one per example, or a mapping
+        of group id to example count. Rows are written at the last recorded step (0
+        before the first). Reading a CUDA tensor synchronizes, with one warning. Invalid
+        input records nothing for the call, with a warning.
+        """
+        self._guard("split group logging", self._log_split_groups, split, groups)
+
+    def _log_split_groups(self, split, groups) -> None:
+        at = self._last_step()
+        try:
+            if not isinstance(split, str) or not split:
+                raise batches.InvalidGroups("split", "split must be a non-empty string, got "
+                                            f"{split!r}.")
+            self._warn_if_device_groups(groups, "log_split_groups")
+            counts = batches.count_groups(groups, allow_mapping=True)
+        except batches.InvalidGroups as error:
+            self._dropped.drop(f"log_split_groups({split!r}) {error.kind}", (
+                f"runlens recorded no groups of split {split!r} at step {at}: {error}"))
+            return
+        keys = {"step": at, "segment": self.segment, "rank": self.rank}
+        for group, examples in counts.items():
+            self._buffers["split_groups"].add_row({**keys, "split": split, "group": group,
+                                                   "examples": examples})
+
+    def _warn_if_device_groups(self, groups: Any, call: str) -> None:
+        if self._warned_device_groups or not isinstance(groups, torch.Tensor):
+            return
+        if groups.device.type != "cpu":
+            self._warned_device_groups = True
+            logger.warning("runlens %s got group ids on %s. Reading them synchronizes the "
+                           "host with the device; pass CPU ids (for example from the data "
+                           "loader, before .to(device)) to avoid it. This warning is not "
+                           "repeated.", call, groups.device)
 
     def event(self, kind: str, **detail: Any) -> None:
         """Record an event at the current step, such as a data change or a manual decision."""
