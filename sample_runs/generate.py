@@ -489,6 +489,99 @@ def healthy_amp_clipping(run_dir: Path, seed: int = 25) -> None:
                        clip=1.0)
 
 
+class Scenes:
+    """Examples grouped in scenes: each scene shifts its examples by its own offset.
+
+    Examples of one scene are correlated, as frames of one drive are.
+    """
+
+    def __init__(self, generator: torch.Generator, scenes: int = 40, per_scene: int = 250,
+                 classes: int = 4) -> None:
+        blobs = Blobs(classes, generator)
+        offsets = torch.randn(scenes, FEATURES, generator=generator) * 0.3
+        inputs, labels = blobs.sample(scenes * per_scene)
+        self.scene = torch.arange(scenes).repeat_interleave(per_scene)
+        self.inputs = inputs + offsets[self.scene]
+        self.labels = labels
+        self.scenes = scenes
+
+    def names(self, indices: torch.Tensor) -> list[str]:
+        return [f"scene-{int(scene):03d}" for scene in self.scene[indices]]
+
+
+def _train_grouped(run_dir: Path, *, seed: int, scenario: str, steps: int = 400,
+                   split_by_scene: bool = True, scenes_per_batch: int | None = None,
+                   accumulation: Callable[[int], int] = lambda step: 1) -> None:
+    """Train on scene-grouped data, logging batch composition and split membership.
+
+    `split_by_scene` assigns whole scenes to the validation split; otherwise examples are
+    split at random. `scenes_per_batch` draws each batch from that many scenes, as a
+    loader reading shards in order does. `accumulation(step)` is the number of 16-example
+    micro-batches per optimizer step.
+    """
+    generator = _seed(seed)
+    data = Scenes(generator)
+    if split_by_scene:
+        validation_mask = data.scene < data.scenes // 5
+    else:
+        validation_mask = torch.rand(len(data.scene), generator=generator) < 0.2
+    train_indices = torch.nonzero(~validation_mask).squeeze(1)
+    validation_indices = torch.nonzero(validation_mask).squeeze(1)
+    model = _classifier(4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    with runlens.record(run_dir, model=model, optimizer=optimizer,
+                        config={"scenario": scenario}, **_options()) as rec:
+        rec.log_split_groups("train", data.names(train_indices))
+        rec.log_split_groups("val", data.names(validation_indices))
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            micro_batches = accumulation(step)
+            total = 0.0
+            for _ in range(micro_batches):
+                chosen = _draw(train_indices, data, scenes_per_batch, generator)
+                loss = F.cross_entropy(model(data.inputs[chosen]), data.labels[chosen])
+                (loss / micro_batches).backward()
+                total += loss.detach() / micro_batches
+                rec.log_batch(groups=data.names(chosen))
+            optimizer.step()
+            rec.step(total)
+            if (step + 1) % 50 == 0:
+                _evaluate(rec, model, (data.inputs[validation_indices],
+                                       data.labels[validation_indices]), 4)
+
+
+def _draw(train_indices: torch.Tensor, data: Scenes, scenes_per_batch: int | None,
+          generator: torch.Generator, size: int = 16) -> torch.Tensor:
+    if scenes_per_batch is None:
+        return train_indices[torch.randint(0, len(train_indices), (size,), generator=generator)]
+    train_scenes = torch.unique(data.scene[train_indices])
+    picked = train_scenes[torch.randperm(len(train_scenes), generator=generator)[:scenes_per_batch]]
+    pool = train_indices[torch.isin(data.scene[train_indices], picked)]
+    return pool[torch.randint(0, len(pool), (size,), generator=generator)]
+
+
+def validation_leakage(run_dir: Path, seed: int = 26) -> None:
+    """Split examples, not scenes, at random: every validation scene is also trained on."""
+    _train_grouped(run_dir, seed=seed, scenario="validation-leakage", split_by_scene=False)
+
+
+def correlated_batches(run_dir: Path, seed: int = 27) -> None:
+    """Draw each 4x16-example batch from 2 scenes, as a loader reading shards in order does."""
+    _train_grouped(run_dir, seed=seed, scenario="correlated-batches", scenes_per_batch=2,
+                   accumulation=lambda step: 4)
+
+
+def lr_not_scaled_with_batch(run_dir: Path, seed: int = 28) -> None:
+    """Raise gradient accumulation from 1 to 4 micro-batches at step 200, keeping the lr."""
+    _train_grouped(run_dir, seed=seed, scenario="lr-not-scaled-with-batch",
+                   accumulation=lambda step: 1 if step < 200 else 4)
+
+
+def healthy_grouped_data(run_dir: Path, seed: int = 29) -> None:
+    """Split by scene and draw batches across all training scenes, 4 micro-batches each."""
+    _train_grouped(run_dir, seed=seed, scenario="healthy", accumulation=lambda step: 4)
+
+
 def clipping_never_fires(run_dir: Path, seed: int = 15) -> None:
     """Clip at max_norm=1000, far above any gradient norm of this model."""
     _train_classifier(
@@ -561,6 +654,9 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "update-ratio-out-of-range": update_ratio_out_of_range,
     "clipping-never-fires": clipping_never_fires,
     "amp-skipped-steps": amp_skipped_steps,
+    "validation-leakage": validation_leakage,
+    "correlated-batches": correlated_batches,
+    "lr-not-scaled-with-batch": lr_not_scaled_with_batch,
     "clip-before-unscale": clip_before_unscale,
     "adam-with-l2": adam_with_l2,
     "trainable-param-not-updated": trainable_param_not_updated,
@@ -572,6 +668,7 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "healthy-resume": healthy_resume,
     "healthy-two-tasks": healthy_two_tasks,
     "healthy-amp-clipping": healthy_amp_clipping,
+    "healthy-grouped-data": healthy_grouped_data,
 }
 
 

@@ -54,6 +54,9 @@ EXPECTED = {
     "loss-metric-divergence": ("loss-metric-divergence", 149, 699),
     "amp-skipped-steps": ("amp-skipped-steps", 100, 399),
     "clip-before-unscale": ("clip-before-unscale", 0, 399),
+    "validation-leakage": ("validation-leakage", None, None),
+    "correlated-batches": ("correlated-batches", 0, 399),
+    "lr-not-scaled-with-batch": ("lr-not-scaled-with-batch", 200, 200),
 }
 
 # Other rules that rightly fire on a failure run, because one fault shows in several
