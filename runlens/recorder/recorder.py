@@ -21,7 +21,9 @@ import torch
 
 import runlens
 from runlens import format as run_format
-from runlens.recorder import arguments, batches, class_metrics, model_info, values
+from runlens.recorder import (activation_probe, arguments, batches, class_metrics,
+                              model_info, values)
+from runlens.recorder.activation_probe import ActivationProbe
 from runlens.recorder.buffers import TableBuffer
 from runlens.recorder.checkpoint_probe import CheckpointProbe
 from runlens.recorder.clipping_probe import ClippingProbe
@@ -48,6 +50,12 @@ class Recorder:
             an object with attributes such as an `argparse.Namespace`, or None. Its values
             are converted with `model_info.json_value`.
         shared_params: a module or parameters shared by all tasks, for the task probe.
+        watch_activations: record the `activations` table from forward hooks on stats
+            steps (default True; needs `model`). BatchNorm modules are recorded into
+            `batchnorm` either way.
+        watch_modules: the modules of `model` whose outputs go to `activations`, in place
+            of the default: every ReLU, LeakyReLU, GELU, SiLU, ELU, Tanh and Sigmoid,
+            and the output layer (the last leaf module with parameters).
         param_stats_every: steps between per-parameter statistics (default 100).
         task_probe_every: steps between task-gradient probes (default 100).
         flush_every: steps between writes of part files (default 500).
@@ -74,6 +82,8 @@ class Recorder:
                  optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                  scaler: Any = None, config: Any = None,
                  shared_params: torch.nn.Module | Iterable[torch.nn.Parameter] | None = None,
+                 watch_activations: bool = True,
+                 watch_modules: Iterable[torch.nn.Module] | None = None,
                  param_stats_every: int = 100, task_probe_every: int = 100,
                  flush_every: int = 500, flush_seconds: float = 10.0,
                  step: int | None = None, strict: bool = False,
@@ -92,6 +102,7 @@ class Recorder:
         rank = arguments.check_rank(rank)
         step = arguments.check_first_step(step)
         config_values = arguments.config_dict(config)
+        watched = activation_probe.select_modules(model, watch_activations, watch_modules)
         self.strict = strict
         self.rank = _default_rank() if rank is None else rank
         self._clock = clock
@@ -115,6 +126,11 @@ class Recorder:
             model, optimizer, scheduler, scaler, config_values, params, names, step)
         self._writer = PartWriter(self.run_dir, self.rank, self.segment)
         self._install_probes(model, optimizer, scheduler, scaler, shared_params, names)
+        self._activations = None
+        if watched.activations or watched.batchnorms:
+            self._activations = ActivationProbe(model, watched, self._is_stats_step,
+                                                lambda: self.step_index,
+                                                self._add_probe_row, self._report_error)
         self.event(run_format.EVENT_SEGMENT_START, segment=self.segment)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -186,6 +202,11 @@ class Recorder:
             if isinstance(shared_params, torch.nn.Module):
                 shared_params = shared_params.parameters()
             self._tasks = TaskProbe(list(shared_params))
+
+    def _add_probe_row(self, table: str, row: dict[str, Any]) -> None:
+        """Add a row of the step being computed, which `step()` records next."""
+        keys = {"step": self.step_index, "segment": self.segment, "rank": self.rank}
+        self._buffers[table].add_row({**keys, **row})
 
     # -- context manager ------------------------------------------------------------------
 
@@ -584,6 +605,7 @@ class Recorder:
 
     def _remove_probes(self) -> None:
         for remove in (self._optimizer.remove if self._optimizer else None,
+                       self._activations.remove if self._activations else None,
                        self._clipping.remove, self._checkpoints.remove):
             if remove is not None:
                 try:
