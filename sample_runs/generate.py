@@ -90,17 +90,20 @@ def _train_classifier(run_dir: Path, *, steps: int, seed: int, make_optimizer,
                       class_weights: Callable[[int], torch.Tensor | None] = lambda step: None,
                       eval_every: int = 50, config: dict | None = None,
                       alter_batch=None, loss_fn=F.cross_entropy, train_size: int | None = None,
-                      hidden: int = 32) -> None:
+                      hidden: int = 32, make_model=None, micro_batch_size: int | None = None,
+                      spread: float = 1.6) -> None:
     """Train a classifier on blobs with the recorder on; the common loop of most scenarios.
 
     `alter_batch(step, inputs, labels)` returns the batch that is really trained on, to
     induce data faults. `train_size` trains on a fixed set of that many examples.
+    `make_model()` replaces the default classifier. `micro_batch_size` splits each batch
+    of 64 into micro-batches whose gradients accumulate into one optimizer step.
     """
     generator = _seed(seed)
-    data = Blobs(classes, generator)
+    data = Blobs(classes, generator, spread=spread)
     validation = data.sample(2000)
     fixed_set = data.sample(train_size) if train_size else None
-    model = _classifier(classes, hidden)
+    model = make_model() if make_model else _classifier(classes, hidden)
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer) if make_scheduler else None
     train_targets, train_predictions = [], []
@@ -114,10 +117,17 @@ def _train_classifier(run_dir: Path, *, steps: int, seed: int, make_optimizer,
                 inputs, labels = fixed_set[0][chosen], fixed_set[1][chosen]
             if alter_batch is not None:
                 inputs, labels = alter_batch(step, inputs, labels)
-            logits = model(inputs)
-            loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            chunk = micro_batch_size or len(labels)
+            chunks = list(zip(inputs.split(chunk), labels.split(chunk)))
+            outputs, loss = [], 0.0
+            for chunk_inputs, chunk_labels in chunks:
+                chunk_logits = model(chunk_inputs)
+                chunk_loss = loss_fn(chunk_logits, chunk_labels) / len(chunks)
+                chunk_loss.backward()
+                outputs.append(chunk_logits.detach())
+                loss = loss + chunk_loss.detach()
+            logits = torch.cat(outputs)
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
@@ -135,8 +145,10 @@ def _train_classifier(run_dir: Path, *, steps: int, seed: int, make_optimizer,
 
 def _evaluate(rec, model: nn.Module, validation, classes: int) -> None:
     inputs, labels = validation
+    model.eval()
     with torch.no_grad():
         logits = model(inputs)
+    model.train()
     rec.log_eval("val", {"loss": F.cross_entropy(logits, labels),
                          "accuracy": (logits.argmax(-1) == labels).float().mean()})
     rec.log_classes("val", labels, logits, num_classes=classes)
@@ -582,6 +594,85 @@ def healthy_grouped_data(run_dir: Path, seed: int = 29) -> None:
     _train_grouped(run_dir, seed=seed, scenario="healthy", accumulation=lambda step: 4)
 
 
+def _mlp(activation: type[nn.Module] = nn.ReLU, batchnorm: bool = False,
+         first_bias: float | None = None, classes: int = 4, hidden: int = 64) -> nn.Module:
+    """Build a two-hidden-layer MLP with the given activation, optional BatchNorm."""
+    def norm() -> list[nn.Module]:
+        return [nn.BatchNorm1d(hidden)] if batchnorm else []
+
+    # A bias right before BatchNorm gets no gradient (BatchNorm subtracts the mean), so
+    # those layers have none.
+    model = nn.Sequential(nn.Linear(FEATURES, hidden, bias=not batchnorm), *norm(), activation(),
+                          nn.Linear(hidden, hidden, bias=not batchnorm), *norm(), activation(),
+                          nn.Linear(hidden, classes))
+    if first_bias is not None:
+        nn.init.constant_(model[0].bias, first_bias)
+    return model
+
+
+def dead_activations(run_dir: Path, seed: int = 30) -> None:
+    """Initialize the first layer's bias at -8, so the first ReLUs output zero from the start.
+
+    A ReLU with negative input passes no gradient, so those units never recover.
+    """
+    _train_classifier(
+        run_dir, steps=300, seed=seed, make_model=lambda: _mlp(first_bias=-8.0),
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        config={"scenario": "dead-activations"})
+
+
+def saturated_activations(run_dir: Path, seed: int = 31) -> None:
+    """Feed unnormalized inputs, 20x their usual scale, into a tanh MLP."""
+    def unnormalized(step, inputs, labels):
+        return inputs * 20.0, labels
+
+    _train_classifier(
+        run_dir, steps=300, seed=seed, alter_batch=unnormalized,
+        make_model=lambda: _mlp(activation=nn.Tanh),
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+        config={"scenario": "saturated-activations"})
+
+
+def batchnorm_small_batch(run_dir: Path, seed: int = 33) -> None:
+    """Run BatchNorm over micro-batches of 4, accumulating 16 of them per step."""
+    _train_classifier(
+        run_dir, steps=300, seed=seed, micro_batch_size=4,
+        make_model=lambda: _mlp(batchnorm=True),
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        config={"scenario": "batchnorm-small-batch"})
+
+
+def batchnorm_stats_explode(run_dir: Path, seed: int = 34) -> None:
+    """Switch a sensor to other units at step 150: inputs arrive 1000x larger."""
+    def new_units(step, inputs, labels):
+        return (inputs * 1000.0 if step >= 150 else inputs), labels
+
+    _train_classifier(
+        run_dir, steps=300, seed=seed, alter_batch=new_units,
+        make_model=lambda: _mlp(batchnorm=True),
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        config={"scenario": "batchnorm-stats-explode"})
+
+
+def healthy_batchnorm_mlp(run_dir: Path, seed: int = 35) -> None:
+    """Train a BatchNorm MLP with batches of 64 and SGD with momentum, step decay at 300."""
+    _train_classifier(
+        run_dir, steps=400, seed=seed, make_model=lambda: _mlp(batchnorm=True),
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 300, 0.1),
+        config={"scenario": "healthy"})
+
+
+def healthy_tanh_mlp(run_dir: Path, seed: int = 36) -> None:
+    """Train a tanh MLP on normalized inputs with SGD and momentum, cosine decay."""
+    _train_classifier(
+        run_dir, steps=400, seed=seed, make_model=lambda: _mlp(activation=nn.Tanh),
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=400),
+        config={"scenario": "healthy"})
+
+
 def clipping_never_fires(run_dir: Path, seed: int = 15) -> None:
     """Clip at max_norm=1000, far above any gradient norm of this model."""
     _train_classifier(
@@ -655,6 +746,10 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "clipping-never-fires": clipping_never_fires,
     "amp-skipped-steps": amp_skipped_steps,
     "validation-leakage": validation_leakage,
+    "dead-activations": dead_activations,
+    "saturated-activations": saturated_activations,
+    "batchnorm-small-batch": batchnorm_small_batch,
+    "batchnorm-stats-explode": batchnorm_stats_explode,
     "correlated-batches": correlated_batches,
     "lr-not-scaled-with-batch": lr_not_scaled_with_batch,
     "clip-before-unscale": clip_before_unscale,
@@ -669,6 +764,8 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "healthy-two-tasks": healthy_two_tasks,
     "healthy-amp-clipping": healthy_amp_clipping,
     "healthy-grouped-data": healthy_grouped_data,
+    "healthy-batchnorm-mlp": healthy_batchnorm_mlp,
+    "healthy-tanh-mlp": healthy_tanh_mlp,
 }
 
 

@@ -57,6 +57,10 @@ EXPECTED = {
     "validation-leakage": ("validation-leakage", None, None),
     "correlated-batches": ("correlated-batches", 0, 399),
     "lr-not-scaled-with-batch": ("lr-not-scaled-with-batch", 200, 200),
+    "dead-activations": ("dead-activations", 250, 290),
+    "saturated-activations": ("saturated-activations", 250, 290),
+    "batchnorm-small-batch": ("batchnorm-small-batch", 0, 290),
+    "batchnorm-stats-explode": ("batchnorm-stats-explode", 0, 290),
 }
 
 # Other rules that rightly fire on a failure run, because one fault shows in several
@@ -67,7 +71,13 @@ ALSO_EXPECTED = {
     "non-finite-values": {"divergence"},
     # Ramping SGD's lr up makes the loss spike on its way up, and then kills the ReLUs,
     # so the weights stop moving.
-    "divergence": {"loss-spike", "update-ratio-out-of-range"},
+    "divergence": {"loss-spike", "update-ratio-out-of-range", "dead-activations"},
+    # Dead first-layer ReLUs pass no gradient, so the first layer never changes.
+    "dead-activations": {"trainable-param-not-updated", "update-ratio-out-of-range"},
+    # BatchNorm over 4 examples trains on other statistics than it evaluates with.
+    "batchnorm-small-batch": {"overfitting"},
+    # Training inputs 1000x larger than the validation inputs ruin validation.
+    "batchnorm-stats-explode": {"overfitting", "loss-metric-divergence"},
     # The collapsed class is a quarter of the balanced validation set, so its lost recall
     # raises the validation loss and lowers the accuracy while the training loss falls.
     "rare-class-collapse": {"overfitting", "loss-metric-divergence"},
