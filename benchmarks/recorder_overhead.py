@@ -5,7 +5,8 @@ default settings; the two are interleaved over several rounds and the median of 
 is compared, so slow drift of the machine affects both alike. On a shared two-core
 machine that wall-clock difference is noisy, so the time spent inside the recorder's
 own code (its optimizer hooks, the clipping wrapper and `Recorder.step`) is also
-measured directly with a timer around each of them.
+measured directly with a timer around each of them, and around the activation probe's
+statistics-step work.
 
     python benchmarks/recorder_overhead.py [--steps 300] [--rounds 5]
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import runlens
-from runlens.recorder import clipping_probe, optimizer_probe, recorder
+from runlens.recorder import activation_probe, clipping_probe, optimizer_probe, recorder
 
 
 class RecorderTimer:
@@ -50,6 +51,10 @@ class RecorderTimer:
         self.wrap(optimizer_probe.OptimizerProbe, "_before_step")
         self.wrap(optimizer_probe.OptimizerProbe, "_after_step")
         self.wrap(clipping_probe.ClippingProbe, "log")
+        # The forward hooks return after a few attribute checks on other steps; only
+        # their statistics-step work is timed here.
+        self.wrap(activation_probe.ActivationProbe, "_record_activation")
+        self.wrap(activation_probe.ActivationProbe, "_record_batchnorm")
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -1,9 +1,9 @@
 """Record the sample runs: one per failure mode, plus healthy runs, from real CPU training.
 
-Each scenario trains a small model on synthetic data with the failure really induced
-(a clip norm far below the gradient norm, a class that becomes rare, a schedule that
-jumps, a resume without the optimizer state, a badly weighted task). Seeds, a single
-thread and a fake clock make the recorded values the same on every run of the script.
+Each failure scenario trains a small model on synthetic data with one fault really
+induced, as its docstring says: a clip norm far below the gradient norm, a class that
+becomes rare, a resume without the optimizer state, and so on. Seeds, a single thread
+and a fake clock make the recorded values the same on every run of the script.
 
     python sample_runs/generate.py              # all scenarios into sample_runs/
     python sample_runs/generate.py --out DIR    # elsewhere
