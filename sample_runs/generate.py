@@ -91,13 +91,14 @@ def _train_classifier(run_dir: Path, *, steps: int, seed: int, make_optimizer,
                       eval_every: int = 50, config: dict | None = None,
                       alter_batch=None, loss_fn=F.cross_entropy, train_size: int | None = None,
                       hidden: int = 32, make_model=None, micro_batch_size: int | None = None,
-                      spread: float = 1.6) -> None:
+                      spread: float = 1.6, autocast_dtype: torch.dtype | None = None) -> None:
     """Train a classifier on blobs with the recorder on; the common loop of most scenarios.
 
     `alter_batch(step, inputs, labels)` returns the batch that is really trained on, to
     induce data faults. `train_size` trains on a fixed set of that many examples.
     `make_model()` replaces the default classifier. `micro_batch_size` splits each batch
     of 64 into micro-batches whose gradients accumulate into one optimizer step.
+    `autocast_dtype` runs the forward pass under CPU autocast in that dtype.
     """
     generator = _seed(seed)
     data = Blobs(classes, generator, spread=spread)
@@ -122,8 +123,10 @@ def _train_classifier(run_dir: Path, *, steps: int, seed: int, make_optimizer,
             chunks = list(zip(inputs.split(chunk), labels.split(chunk)))
             outputs, loss = [], 0.0
             for chunk_inputs, chunk_labels in chunks:
-                chunk_logits = model(chunk_inputs)
-                chunk_loss = loss_fn(chunk_logits, chunk_labels) / len(chunks)
+                with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+                                    enabled=autocast_dtype is not None):
+                    chunk_logits = model(chunk_inputs)
+                chunk_loss = loss_fn(chunk_logits.float(), chunk_labels) / len(chunks)
                 chunk_loss.backward()
                 outputs.append(chunk_logits.detach())
                 loss = loss + chunk_loss.detach()
@@ -673,6 +676,32 @@ def healthy_tanh_mlp(run_dir: Path, seed: int = 36) -> None:
         config={"scenario": "healthy"})
 
 
+def healthy_plain_sgd_cosine(run_dir: Path, seed: int = 37) -> None:
+    """Train with plain SGD (no momentum) and cosine decay from the first step."""
+    _train_classifier(
+        run_dir, steps=500, seed=seed,
+        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.2),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=500),
+        config={"scenario": "healthy"})
+
+
+def healthy_bf16_autocast(run_dir: Path, seed: int = 38) -> None:
+    """Train AdamW with the forward pass under bf16 autocast and warmup then cosine."""
+    steps, warmup = 500, 50
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [
+            torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps - warmup),
+        ], milestones=[warmup])
+
+    _train_classifier(
+        run_dir, steps=steps, seed=seed, autocast_dtype=torch.bfloat16, clip=1.0,
+        make_scheduler=schedule, make_optimizer=lambda model: _adamw(model, lr=3e-3),
+        config={"scenario": "healthy"})
+
+
 def clipping_never_fires(run_dir: Path, seed: int = 15) -> None:
     """Clip at max_norm=1000, far above any gradient norm of this model."""
     _train_classifier(
@@ -766,6 +795,8 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "healthy-grouped-data": healthy_grouped_data,
     "healthy-batchnorm-mlp": healthy_batchnorm_mlp,
     "healthy-tanh-mlp": healthy_tanh_mlp,
+    "healthy-plain-sgd-cosine": healthy_plain_sgd_cosine,
+    "healthy-bf16-autocast": healthy_bf16_autocast,
 }
 
 
