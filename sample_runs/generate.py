@@ -57,6 +57,16 @@ def _adamw(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.opt
                               {"params": vectors, "weight_decay": 0.0}], lr=lr)
 
 
+def _warmup_cosine(steps: int, warmup: int):
+    """Return a scheduler factory: linear warmup from 1% over `warmup` steps, then cosine."""
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [
+            torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps - warmup),
+        ], milestones=[warmup])
+    return schedule
+
+
 def _seed(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     torch.set_num_threads(1)
@@ -688,17 +698,9 @@ def healthy_plain_sgd_cosine(run_dir: Path, seed: int = 37) -> None:
 
 def healthy_bf16_autocast(run_dir: Path, seed: int = 38) -> None:
     """Train AdamW with the forward pass under bf16 autocast and warmup then cosine."""
-    steps, warmup = 500, 50
-
-    def schedule(optimizer):
-        return torch.optim.lr_scheduler.SequentialLR(optimizer, [
-            torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, total_iters=warmup),
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps - warmup),
-        ], milestones=[warmup])
-
     _train_classifier(
-        run_dir, steps=steps, seed=seed, autocast_dtype=torch.bfloat16, clip=1.0,
-        make_scheduler=schedule, make_optimizer=lambda model: _adamw(model, lr=3e-3),
+        run_dir, steps=500, seed=seed, autocast_dtype=torch.bfloat16, clip=1.0,
+        make_scheduler=_warmup_cosine(500, 50), make_optimizer=lambda model: _adamw(model, lr=3e-3),
         config={"scenario": "healthy"})
 
 
@@ -725,16 +727,8 @@ def healthy_adamw_warmup_cosine(run_dir: Path, seed: int = 11) -> None:
 
     Weight decay applies to weight matrices only, as it should.
     """
-    steps, warmup = 600, 60
-
-    def schedule(optimizer):
-        return torch.optim.lr_scheduler.SequentialLR(optimizer, [
-            torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, total_iters=warmup),
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps - warmup),
-        ], milestones=[warmup])
-
     _train_classifier(
-        run_dir, steps=steps, seed=seed, clip=1.0, make_scheduler=schedule,
+        run_dir, steps=600, seed=seed, clip=1.0, make_scheduler=_warmup_cosine(600, 60),
         make_optimizer=lambda model: _adamw(model, lr=3e-3, weight_decay=0.01),
         config={"scenario": "healthy"})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,25 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+import runlens
 from runlens import format as run_format
+
+RUNLENS_DIR = str(Path(runlens.__file__).parent)
+
+# Tensor methods that read a value on the host, and so synchronize with a CUDA device.
+SYNCING_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
+
+
+def forbid_in_runlens(name: str, original):
+    """Wrap a Tensor method so that a call from any runlens frame raises."""
+    def guarded(self, *args, **kwargs):
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_filename.startswith(RUNLENS_DIR):
+                raise AssertionError(f"runlens called Tensor.{name} on the step path")
+            frame = frame.f_back
+        return original(self, *args, **kwargs)
+    return guarded
 
 
 class TwoHeadNet(nn.Module):

@@ -23,10 +23,9 @@ from runlens.analyze import Run, evaluate, load_rules
 from runlens import format as run_format
 from runlens.recorder import optimizer_probe
 from runlens.recorder.task_probe import TaskProbe
-from recorder_helpers import (make_batch, make_model, part_files, read_rows, rows_at,
-                              task_losses, total_loss)
+from recorder_helpers import (SYNCING_METHODS, forbid_in_runlens, make_batch, make_model,
+                              part_files, read_rows, rows_at, task_losses, total_loss)
 
-RUNLENS_DIR = str(Path(runlens.__file__).parent)
 
 
 def _error_events(run_dir: Path) -> list[dict]:
@@ -618,19 +617,6 @@ def test_killed_run_keeps_flushed_steps(tmp_path):
 # -- host-device synchronization ----------------------------------------------------------
 
 
-_SYNCING_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
-
-
-def _forbid_in_runlens(name: str, original):
-    """Wrap a Tensor method so that a call from any runlens frame raises."""
-    def guarded(self, *args, **kwargs):
-        frame = sys._getframe(1)
-        while frame is not None:
-            if frame.f_code.co_filename.startswith(RUNLENS_DIR):
-                raise AssertionError(f"runlens called Tensor.{name} on the step path")
-            frame = frame.f_back
-        return original(self, *args, **kwargs)
-    return guarded
 
 
 def test_step_makes_no_host_sync(tmp_path, monkeypatch):
@@ -642,9 +628,9 @@ def test_step_makes_no_host_sync(tmp_path, monkeypatch):
                         flush_seconds=3600.0) as rec:
         for step in range(6):
             if step == 1:
-                for name in _SYNCING_METHODS:
+                for name in SYNCING_METHODS:
                     monkeypatch.setattr(torch.Tensor, name,
-                                        _forbid_in_runlens(name, getattr(torch.Tensor, name)))
+                                        forbid_in_runlens(name, getattr(torch.Tensor, name)))
             losses = task_losses(model, step)
             rec.probe_tasks(losses)
             loss = losses["a"] + losses["b"]

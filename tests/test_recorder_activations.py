@@ -20,9 +20,8 @@ from torch import nn
 import runlens
 from runlens import format as run_format
 from runlens.recorder import activation_probe
-from recorder_helpers import read_rows, rows_at
+from recorder_helpers import SYNCING_METHODS, forbid_in_runlens, read_rows, rows_at
 
-RUNLENS_DIR = str(Path(runlens.__file__).parent)
 MICRO_BATCH = 8
 
 
@@ -375,19 +374,6 @@ def test_activations_hook_error_strict_raises(tmp_path, monkeypatch):
 # -- host-device synchronization ------------------------------------------------------------
 
 
-_SYNCING_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
-
-
-def _forbid_in_runlens(name: str, original):
-    """Wrap a Tensor method so that a call from any runlens frame raises."""
-    def guarded(self, *args, **kwargs):
-        frame = sys._getframe(1)
-        while frame is not None:
-            if frame.f_code.co_filename.startswith(RUNLENS_DIR):
-                raise AssertionError(f"runlens called Tensor.{name} on the step path")
-            frame = frame.f_back
-        return original(self, *args, **kwargs)
-    return guarded
 
 
 def test_activations_stats_step_makes_no_host_sync(tmp_path, monkeypatch):
@@ -395,9 +381,9 @@ def test_activations_stats_step_makes_no_host_sync(tmp_path, monkeypatch):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     with runlens.record(tmp_path, model=model, optimizer=optimizer, strict=True,
                         param_stats_every=1, flush_seconds=3600.0) as rec:
-        for name in _SYNCING_METHODS:
+        for name in SYNCING_METHODS:
             monkeypatch.setattr(torch.Tensor, name,
-                                _forbid_in_runlens(name, getattr(torch.Tensor, name)))
+                                forbid_in_runlens(name, getattr(torch.Tensor, name)))
         for step in range(3):
             inputs, targets = make_micro_batch(step)
             loss = nn.functional.mse_loss(model(inputs), targets)
