@@ -17,7 +17,7 @@ import runlens
 from runlens import format as run_format
 from runlens.recorder import batches
 from recorder_helpers import make_model, read_rows, read_table, total_loss
-from test_recorder import _forbid_in_runlens
+from recorder_helpers import forbid_in_runlens
 
 MICRO_BATCHES = 4
 MICRO_BATCH_SIZE = 16
@@ -256,7 +256,7 @@ def test_log_batch_cpu_tensor_no_device_sync(tmp_path, monkeypatch):
             if step == 1:
                 for name in ("item", "__float__", "__int__", "__bool__", "cpu", "numpy"):
                     monkeypatch.setattr(torch.Tensor, name,
-                                        _forbid_in_runlens(name, getattr(torch.Tensor, name)))
+                                        forbid_in_runlens(name, getattr(torch.Tensor, name)))
             for micro_step in range(MICRO_BATCHES):
                 loss = total_loss(model, step * MICRO_BATCHES + micro_step)
                 (loss / MICRO_BATCHES).backward()

@@ -26,7 +26,7 @@ from runlens import format as run_format
 from runlens.recorder.buffers import TableBuffer
 from runlens.recorder.recorder import Recorder
 from recorder_helpers import make_batch, make_model, read_rows, total_loss
-from test_recorder import _SYNCING_METHODS, _forbid_in_runlens
+from recorder_helpers import SYNCING_METHODS, forbid_in_runlens
 
 
 def _record_messages(caplog) -> list[str]:
@@ -209,9 +209,9 @@ def test_step_invalid_task_loss_keeps_others(tmp_path, caplog):
 
 def test_step_invalid_values_make_no_host_sync(tmp_path, monkeypatch):
     with runlens.record(tmp_path, strict=True, flush_seconds=3600.0) as rec:
-        for name in _SYNCING_METHODS:
+        for name in SYNCING_METHODS:
             monkeypatch.setattr(torch.Tensor, name,
-                                _forbid_in_runlens(name, getattr(torch.Tensor, name)))
+                                forbid_in_runlens(name, getattr(torch.Tensor, name)))
         rec.step(torch.ones(3), acc=torch.tensor([0.5]), empty=torch.ones(0),
                  losses={"a": torch.ones(2, 2)})
         monkeypatch.undo()
