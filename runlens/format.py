@@ -1,6 +1,6 @@
 """The run directory format, shared by the recorder and the analyzer.
 
-A run directory holds ``run.json`` and one folder per table. Each table folder holds
+A run directory contains ``run.json`` and one folder per table. Each table folder contains
 immutable Parquet part files under ``rank-<r>/``, written to a temporary name and
 renamed into place, so a reader never sees a half-written part. Part files may add
 columns over time and readers union them by name. ``docs/format.md`` describes every

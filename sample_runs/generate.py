@@ -1,7 +1,7 @@
 """Record the sample runs: one per failure mode, plus healthy runs, from real CPU training.
 
 Each failure scenario trains a small model on synthetic data with one fault really
-induced, as its docstring says: a clip norm far below the gradient norm, a class that
+induced, which its docstring describes: a clip norm far below the gradient norm, a class that
 becomes rare, a resume without the optimizer state, and so on. Seeds, a single thread
 and a fake clock make the recorded values the same on every run of the script.
 
@@ -434,9 +434,9 @@ def loss_metric_divergence(run_dir: Path, seed: int = 22) -> None:
 class NormalizedEmbedding(nn.Module):
     """An embedding without bias whose output is L2-normalized by a hand-written norm.
 
-    For an all-zero input row the embedding is zero and its norm sqrt(0): the forward
-    pass stays finite (0 / (0 + eps)), but the gradient of sqrt at zero is inf, and
-    inf * 0 puts NaN into the embedding's weight gradient.
+    For an all-zero input row the embedding is zero and its norm is sqrt(0). The forward
+    pass stays finite, because 0 / (0 + eps) is 0. The gradient of sqrt at zero is inf,
+    though, and inf * 0 puts NaN into the embedding's weight gradient.
     """
 
     def __init__(self, classes: int = 4, hidden: int = 32) -> None:

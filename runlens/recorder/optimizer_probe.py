@@ -94,7 +94,7 @@ class OptimizerProbe:
             self._param_rows = [{"param": self.names.get(id(p), "?"), "grad_norm": norm}
                                 for p, norm in zip(params, grad_norms.unbind())]
             # NOTE: the update norm needs the parameters before the step, so a stats step
-            # holds one temporary copy of the trained parameters on their device.
+            # keeps one temporary copy of the trained parameters on their device.
             self._before = [param.detach().clone() for param in params]
 
     def _after_step(self, optimizer, args, kwargs) -> None:

@@ -450,7 +450,7 @@ class Recorder:
                     num_classes: int | None = None, step: int | None = None) -> None:
         """Record per-class recall, precision and support of `split` from tensors.
 
-        `predictions` holds class indices, or scores of shape (N, C), which are reduced
+        `predictions` contains class indices, or scores of shape (N, C), which are reduced
         by argmax. This call synchronizes with the device, so use it at evaluation time.
         Empty input, a length mismatch or an out-of-range class index records nothing
         for the call, with a warning.
@@ -476,7 +476,7 @@ class Recorder:
     def log_batch(self, size: int | None = None, groups: Any = None) -> None:
         """Add one micro-batch (or a whole batch) to the composition of the current step.
 
-        Call it once per micro-batch before `step()`. `groups` holds one group id (a str
+        Call it once per micro-batch before `step()`. `groups` contains one group id (a str
         or an int, such as a scene or patient id) per example, as a list, tuple, numpy
         array or integer tensor. `size` defaults to ``len(groups)``. A CPU tensor adds no
         sync, but reading a CUDA tensor synchronizes, with one warning. An invalid call
