@@ -75,6 +75,9 @@ TABLES: dict[str, dict[str, str]] = {
         "exp_avg_sq_norm": "float64",
         "momentum_buffer_norm": "float64",
         "state_matches_param": "bool",
+        "requires_grad": "bool",
+        "numel": "int64",
+        "grad_zero_fraction": "float64",
     },
     "tasks": {
         "step": "int64",
@@ -116,6 +119,7 @@ TABLES: dict[str, dict[str, str]] = {
         "rank": "int32",
         "module": "string",
         "module_type": "string",
+        "dtype": "string",
         "numel": "int64",
         "mean": "float64",
         "std": "float64",
@@ -157,6 +161,12 @@ EVENT_SEGMENT_START = "segment_start"
 EVENT_CHECKPOINT_LOAD = "checkpoint_load"
 EVENT_CHECKPOINT_SAVE = "checkpoint_save"
 EVENT_RECORDER_ERROR = "recorder_error"
+EVENT_FREEZE = "freeze"
+EVENT_UNFREEZE = "unfreeze"
+EVENT_PARAM_GROUPS_CHANGE = "param_groups_change"
+EVENT_LOSS_WEIGHT_CHANGE = "loss_weight_change"
+EVENT_DATASET = "dataset"
+EVENT_DATASET_CHANGE = "dataset_change"
 
 # Parameter kinds in run.json, used by rules about weight decay and initialization.
 PARAM_KINDS = ("weight", "bias", "norm", "embedding")

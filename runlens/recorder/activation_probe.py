@@ -131,13 +131,14 @@ def activation_statistics(module: nn.Module, inputs: tuple[Any, ...],
                           output: Any) -> dict[str, Any] | None:
     """Compute an `activations` row (without key columns) from one forward call.
 
-    Returns None when the output is not a tensor. Every value but `numel` and
+    Returns None when the output is not a tensor. Every value but `numel`, `dtype` and
     `module_type` is a 0-d float32 tensor on the output's device.
     """
     if not isinstance(output, torch.Tensor):
         return None
     numel = output.numel()
-    row: dict[str, Any] = {"module_type": type(module).__name__, "numel": numel}
+    row: dict[str, Any] = {"module_type": type(module).__name__, "numel": numel,
+                           "dtype": str(output.dtype).removeprefix("torch.")}
     if numel == 0:
         return row
     values = output.detach().float()

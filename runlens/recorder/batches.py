@@ -7,6 +7,7 @@ so the int 3 and the string "3" are the same group.
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
@@ -57,6 +58,14 @@ def count_groups(groups: Any, *, allow_mapping: bool) -> Counter[str]:
     else:
         ids = list(groups)
     return Counter(_id_key(group) for group in _checked_ids(ids))
+
+
+def fingerprint(counts: Mapping[str, int]) -> str:
+    """Return a short hash of group ids and their counts, equal for equal splits."""
+    digest = hashlib.sha256()
+    for group in sorted(counts):
+        digest.update(f"{len(group)}:{group}={counts[group]};".encode())
+    return digest.hexdigest()[:16]
 
 
 def _count_mapping(groups: Mapping[Any, Any]) -> Counter[str]:

@@ -91,8 +91,11 @@ class OptimizerProbe:
         self._scalars["nonfinite_grad_tensors"] = (~torch.isfinite(grad_norms)).sum()
         if stats_step:
             self._stats_params = params
-            self._param_rows = [{"param": self.names.get(id(p), "?"), "grad_norm": norm}
-                                for p, norm in zip(params, grad_norms.unbind())]
+            self._param_rows = [
+                {"param": self.names.get(id(p), "?"), "grad_norm": norm,
+                 "requires_grad": p.requires_grad, "numel": p.numel(),
+                 "grad_zero_fraction": _zero_fraction(p.grad)}
+                for p, norm in zip(params, grad_norms.unbind())]
             # NOTE: the update norm needs the parameters before the step, so a stats step
             # keeps one temporary copy of the trained parameters on their device.
             self._before = [param.detach().clone() for param in params]
@@ -132,6 +135,14 @@ class OptimizerProbe:
             rows.append({"group": index, "lr": _number(group.get("lr")),
                          "weight_decay": _number(group.get("weight_decay"))})
         return rows
+
+
+def _zero_fraction(grad: torch.Tensor) -> torch.Tensor | float:
+    """Return the share of exactly-zero elements of a gradient, as a device tensor."""
+    numel = grad.numel()
+    if numel == 0:
+        return 0.0
+    return (numel - torch.count_nonzero(grad)) / numel
 
 
 def _number(value: Any) -> Any:

@@ -21,7 +21,7 @@ import torch
 
 import runlens
 from runlens import format as run_format
-from runlens.recorder import (activation_probe, arguments, batches, class_metrics,
+from runlens.recorder import (activation_probe, arguments, batches, changes, class_metrics,
                               model_info, values)
 from runlens.recorder.activation_probe import ActivationProbe
 from runlens.recorder.buffers import TableBuffer
@@ -197,6 +197,10 @@ class Recorder:
         for obj, object_name in ((scheduler, "scheduler"), (scaler, "scaler")):
             if obj is not None and hasattr(obj, "load_state_dict"):
                 self._checkpoints.watch_by_method(obj, object_name)
+        self._params = changes.ParamWatcher(_watched_params(model, optimizer, names),
+                                            optimizer, self._emit_quietly)
+        self._loss_weights = changes.LossWeightWatcher(self._emit_quietly)
+        self._datasets = changes.DatasetWatcher(self._emit_quietly)
         self._tasks = None
         if shared_params is not None:
             if isinstance(shared_params, torch.nn.Module):
@@ -243,6 +247,7 @@ class Recorder:
 
     def _record_step(self, loss, losses, loss_weights, user_scalars) -> None:
         step = self.step_index
+        self._guard("change events", self._params.check)
         keys = {"step": step, "segment": self.segment, "rank": self.rank}
 
         # optimizer, clipping and AMP values of this step
@@ -275,6 +280,7 @@ class Recorder:
         loss_weights = self._checked_mapping(loss_weights, step, "loss_weights",
                                              "task names to weights")
         self._record_task_losses(keys, losses, loss_weights)
+        self._guard("change events", self._loss_weights.check, losses, loss_weights)
         for param_row in param_rows:
             self._buffers["params"].add_row({**keys, **param_row})
 
@@ -544,6 +550,31 @@ class Recorder:
         for group, examples in counts.items():
             self._buffers["split_groups"].add_row({**keys, "split": split, "group": group,
                                                    "examples": examples})
+        self._datasets.update(("split_groups", split), {
+            "groups": len(counts), "examples": sum(counts.values()),
+            "fingerprint": batches.fingerprint(counts)})
+
+    def log_dataset(self, split: str, **description: Any) -> None:
+        """Describe the data that `split` draws from, such as a name, a version or a size.
+
+        The first call for a split writes a `dataset` event; a later call whose description
+        differs from the split's last one writes a `dataset_change` event, which rules use
+        to explain loss spikes and metric shifts. Values must be JSON-friendly (str,
+        numbers, lists, dicts); other values are stored as their `repr`.
+        """
+        self._guard("events", self._log_dataset, split, description)
+
+    def _log_dataset(self, split, description) -> None:
+        if not isinstance(split, str) or not split:
+            self._dropped.drop("log_dataset split", (
+                f"runlens dropped a log_dataset call at step {self.step_index}: split must "
+                f"be a non-empty string, got {split!r}."))
+            return
+        description = model_info.json_value(description)
+        key = ("log_dataset", split)
+        if not self._datasets.seen(key):
+            self._emit(run_format.EVENT_DATASET, {"split": split, **description})
+        self._datasets.update(key, description)
 
     def _warn_if_device_groups(self, groups: Any, call: str) -> None:
         if self._warned_device_groups or not isinstance(groups, torch.Tensor):
@@ -639,6 +670,18 @@ class Recorder:
             if area != "events":
                 self._guard("events", self._emit, run_format.EVENT_RECORDER_ERROR,
                             {"area": area, "error": f"{type(error).__name__}: {error}"[:500]})
+
+
+def _watched_params(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
+                    names: dict[int, str]) -> list[tuple[str, torch.nn.Parameter]]:
+    """Return the model's parameters and any others that the optimizer holds, with names."""
+    params: dict[int, torch.nn.Parameter] = {}
+    if model is not None:
+        params.update((id(param), param) for param in model.parameters())
+    if optimizer is not None:
+        params.update((id(param), param) for group in optimizer.param_groups
+                      for param in group["params"])
+    return [(names.get(key, "?"), param) for key, param in params.items()]
 
 
 def _default_rank() -> int:
