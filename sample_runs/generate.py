@@ -720,6 +720,105 @@ def overfitting(run_dir: Path, seed: int = 16) -> None:
         config={"scenario": "overfitting"})
 
 
+DEPTH_OUTPUTS = 4096
+
+
+class DepthAndClassModel(nn.Module):
+    """A dense head of DEPTH_OUTPUTS values after a ReLU layer, and a linear 4-class head."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.depth = nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, DEPTH_OUTPUTS))
+        self.classify = nn.Linear(FEATURES, 4)
+
+    def forward(self, inputs):
+        return self.depth(inputs), self.classify(inputs)
+
+
+def amp_gradient_underflow(run_dir: Path, seed: int = 50) -> None:
+    """Predict a 4096-value depth map in kilometers under fp16 autocast with no GradScaler.
+
+    Depths near 0.01 km averaged over 64 x 4096 values give each output a gradient of
+    about 8e-6 times its error, and as the error shrinks more of it falls below fp16's
+    smallest subnormal (6e-8) and rounds to zero. The depth loss ends five orders of
+    magnitude below the loss of a class head trained beside it.
+    """
+    generator = _seed(seed)
+    basis = torch.randn(FEATURES, DEPTH_OUTPUTS, generator=generator) / FEATURES ** 0.5
+    class_basis = torch.randn(FEATURES, 4, generator=generator)
+    model = DepthAndClassModel()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with runlens.record(run_dir, model=model, optimizer=optimizer,
+                        config={"scenario": "amp-gradient-underflow"}, **_options()) as rec:
+        for step in range(800):
+            inputs = torch.randn(64, FEATURES, generator=generator)
+            depth_km = 0.01 * (inputs @ basis)
+            labels = (inputs @ class_basis).argmax(-1)
+            with torch.autocast("cpu", dtype=torch.float16):
+                depth, logits = model(inputs)
+            losses = {"depth": F.mse_loss(depth.float(), depth_km),
+                      "classification": F.cross_entropy(logits.float(), labels)}
+            total = losses["depth"] + losses["classification"]
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            rec.step(total, losses=losses)
+
+
+def _train_with_frozen_layer(run_dir: Path, *, seed: int, steps: int, frozen: range,
+                             make_optimizer, set_to_none: bool, scenario: str) -> None:
+    """Train a classifier whose first layer is frozen (requires_grad=False) over `frozen`.
+
+    `set_to_none=False` makes `zero_grad` keep zero gradient tensors, as loops written
+    for gradient accumulation often do.
+    """
+    generator = _seed(seed)
+    data = Blobs(4, generator)
+    validation = data.sample(2000)
+    model = _classifier(4)
+    first_layer = model[0]
+    optimizer = make_optimizer(model)
+    with runlens.record(run_dir, model=model, optimizer=optimizer,
+                        config={"scenario": scenario}, **_options()) as rec:
+        for step in range(steps):
+            first_layer.requires_grad_(step not in frozen)
+            inputs, labels = data.sample(64)
+            optimizer.zero_grad(set_to_none=set_to_none)
+            loss = F.cross_entropy(model(inputs), labels)
+            loss.backward()
+            optimizer.step()
+            rec.step(loss)
+            if (step + 1) % 50 == 0:
+                _evaluate(rec, model, validation, 4)
+
+
+def _sgd_with_matrix_decay(model: nn.Module) -> torch.optim.SGD:
+    """Build SGD with momentum 0.9 and weight decay 1e-2 on weight matrices only."""
+    matrices = [param for param in model.parameters() if param.dim() >= 2]
+    vectors = [param for param in model.parameters() if param.dim() < 2]
+    return torch.optim.SGD([{"params": matrices, "weight_decay": 1e-2},
+                            {"params": vectors, "weight_decay": 0.0}], lr=0.02, momentum=0.9)
+
+
+def frozen_param_moved(run_dir: Path, seed: int = 51) -> None:
+    """Freeze the first layer from step 150 while zero_grad(set_to_none=False) keeps its
+    gradients as zero tensors: SGD's momentum and weight decay go on moving it."""
+    _train_with_frozen_layer(
+        run_dir, seed=seed, steps=400, frozen=range(150, 400), set_to_none=False,
+        make_optimizer=_sgd_with_matrix_decay,
+        scenario="frozen-param-moved")
+
+
+def stale_optimizer_state(run_dir: Path, seed: int = 52) -> None:
+    """Freeze the first layer over steps 150-449, then unfreeze it under the same Adam,
+    which resumes from moments and a step count 300 steps old."""
+    _train_with_frozen_layer(
+        run_dir, seed=seed, steps=600, frozen=range(150, 450), set_to_none=True,
+        make_optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=2e-3),
+        scenario="stale-optimizer-state")
+
+
 # -- healthy scenarios --------------------------------------------------------------------
 
 def healthy_adamw_warmup_cosine(run_dir: Path, seed: int = 11) -> None:
@@ -754,6 +853,18 @@ def healthy_two_tasks(run_dir: Path, seed: int = 14) -> None:
                      scenario="healthy")
 
 
+def healthy_gradual_unfreeze(run_dir: Path, seed: int = 53) -> None:
+    """Train the head with the first layer frozen, then unfreeze it at step 200 under Adam.
+
+    The frozen layer has no gradient (zero_grad sets it to None), so it neither moves
+    nor gets optimizer state, and its Adam moments start fresh when it is unfrozen.
+    """
+    _train_with_frozen_layer(
+        run_dir, seed=seed, steps=400, frozen=range(0, 200), set_to_none=True,
+        make_optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=2e-3),
+        scenario="healthy")
+
+
 SCENARIOS: dict[str, Callable[[Path], None]] = {
     "clipping-every-step": clipping_every_step,
     "rare-class-collapse": rare_class_collapse,
@@ -781,6 +892,9 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "lr-schedule-unit-mismatch": lr_schedule_unit_mismatch,
     "loss-metric-divergence": loss_metric_divergence,
     "overfitting": overfitting,
+    "amp-gradient-underflow": amp_gradient_underflow,
+    "frozen-param-moved": frozen_param_moved,
+    "stale-optimizer-state": stale_optimizer_state,
     "healthy-adamw-warmup-cosine": healthy_adamw_warmup_cosine,
     "healthy-sgd-step-decay": healthy_sgd_step_decay,
     "healthy-resume": healthy_resume,
@@ -791,6 +905,7 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "healthy-tanh-mlp": healthy_tanh_mlp,
     "healthy-plain-sgd-cosine": healthy_plain_sgd_cosine,
     "healthy-bf16-autocast": healthy_bf16_autocast,
+    "healthy-gradual-unfreeze": healthy_gradual_unfreeze,
 }
 
 

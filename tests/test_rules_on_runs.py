@@ -61,6 +61,9 @@ EXPECTED = {
     "saturated-activations": ("saturated-activations", 250, 290),
     "batchnorm-small-batch": ("batchnorm-small-batch", 0, 290),
     "batchnorm-stats-explode": ("batchnorm-stats-explode", 0, 290),
+    "amp-gradient-underflow": ("amp-gradient-underflow", 600, 790),
+    "frozen-param-moved": ("frozen-param-moved", 150, 390),
+    "stale-optimizer-state": ("stale-optimizer-state", 140, 450),
 }
 
 # Other rules that rightly fire on a failure run, because one fault shows in several

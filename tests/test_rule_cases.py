@@ -1,0 +1,117 @@
+"""Branches of built-in rules that no sample run covers, on small fresh recordings.
+
+Each case trains a real model with the recorder on and checks one rule's finding, or
+its silence, from the recorded run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import runlens
+from runlens.analyze import Run, evaluate, load_rules
+from recorder_helpers import make_model, total_loss
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return load_rules()
+
+
+def _findings(run_dir: Path, rules, rule_id: str) -> list:
+    with Run.open(run_dir) as run:
+        report = evaluate(run, [rule for rule in rules if rule.id == rule_id])
+    assert report.errored == []
+    assert report.not_evaluated == []
+    return report.findings
+
+
+def _train_adam(run_dir: Path, steps: int, between_steps) -> None:
+    """Train with Adam and statistics every 10 steps, calling `between_steps(step, rec,
+    model, optimizer)` before each step's forward pass."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with runlens.record(run_dir, model=model, optimizer=optimizer, param_stats_every=10,
+                        strict=True) as rec:
+        for step in range(steps):
+            between_steps(step, rec, model, optimizer)
+            optimizer.zero_grad()
+            loss = total_loss(model, step)
+            loss.backward()
+            optimizer.step()
+            rec.step(loss)
+
+
+def _clear_state_at(step_to_clear: int, decision: str | None = None):
+    def between_steps(step, rec, model, optimizer):
+        if step == step_to_clear:
+            optimizer.state.clear()
+            if decision is not None:
+                rec.event(decision)
+    return between_steps
+
+
+def test_stale_optimizer_state_reports_state_cleared_mid_run(tmp_path, rules):
+    _train_adam(tmp_path, 100, _clear_state_at(55))
+    (finding,) = _findings(tmp_path, rules, "stale-optimizer-state")
+    assert (finding.step_start, finding.step_end) == (50, 60)
+    assert "state dropped for 8 parameters" in finding.message
+    assert "went down from 51 to 6" in finding.message
+
+
+def test_stale_optimizer_state_accepts_a_recorded_reset(tmp_path, rules):
+    _train_adam(tmp_path, 100, _clear_state_at(55, decision="optimizer_state_reset"))
+    assert _findings(tmp_path, rules, "stale-optimizer-state") == []
+
+
+def _pause_backbone(start: int, end: int, decision: str | None = None):
+    def between_steps(step, rec, model, optimizer):
+        if step in (start, end):
+            model.backbone.requires_grad_(step == end)
+        if step == end and decision is not None:
+            rec.event(decision)
+    return between_steps
+
+
+def test_stale_optimizer_state_reports_kept_state_after_a_pause(tmp_path, rules):
+    _train_adam(tmp_path, 200, _pause_backbone(40, 140))
+    (finding,) = _findings(tmp_path, rules, "stale-optimizer-state")
+    assert "state kept for 4 parameters" in finding.message
+    assert "freeze at step 40, unfreeze at step 140" in finding.message
+
+
+def test_stale_optimizer_state_accepts_a_recorded_decision_to_keep(tmp_path, rules):
+    _train_adam(tmp_path, 200, _pause_backbone(40, 140, decision="optimizer_state_kept"))
+    assert _findings(tmp_path, rules, "stale-optimizer-state") == []
+
+
+def test_stale_optimizer_state_ignores_a_pause_shorter_than_min_lag(tmp_path, rules):
+    _train_adam(tmp_path, 120, _pause_backbone(40, 70))
+    assert _findings(tmp_path, rules, "stale-optimizer-state") == []
+
+
+def test_frozen_param_moved_ignores_a_freeze_that_clears_gradients(tmp_path, rules):
+    _train_adam(tmp_path, 100, _pause_backbone(30, 1000))
+    assert _findings(tmp_path, rules, "frozen-param-moved") == []
+
+
+def test_frozen_param_moved_reports_adam_stepping_frozen_zero_gradients(tmp_path, rules):
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with runlens.record(tmp_path, model=model, optimizer=optimizer, param_stats_every=10,
+                        strict=True) as rec:
+        for step in range(60):
+            if step == 30:
+                model.head_b.requires_grad_(False)
+            optimizer.zero_grad(set_to_none=False)
+            loss = total_loss(model, step)
+            loss.backward()
+            optimizer.step()
+            rec.step(loss)
+    (finding,) = _findings(tmp_path, rules, "frozen-param-moved")
+    assert (finding.step_start, finding.step_end) == (30, 50)
+    assert "2 parameters with requires_grad=False" in finding.message
+    assert "(head_b.bias, head_b.weight)" in finding.message
