@@ -819,6 +819,77 @@ def stale_optimizer_state(run_dir: Path, seed: int = 52) -> None:
         scenario="stale-optimizer-state")
 
 
+class BottleneckTwoTaskModel(nn.Module):
+    """A classification head and a regression head, both linear, on a trunk of `width` features.
+
+    The trunk ends in a linear layer of `width` units, so `width` bounds how many
+    directions of the input the two heads can read between them.
+    """
+
+    def __init__(self, width: int, classes: int = 4, hidden: int = 32) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(),
+                                      nn.Linear(hidden, width))
+        self.classify = nn.Linear(width, classes)
+        self.regress = nn.Linear(width, 1)
+
+    def forward(self, inputs):
+        features = self.backbone(inputs)
+        return self.classify(features), self.regress(features).squeeze(-1)
+
+
+def _train_reweighted_tasks(run_dir: Path, seed: int, *, width: int,
+                            weights: Callable[[int], dict[str, float]], scenario: str,
+                            steps: int = 600) -> None:
+    """Train classification and regression on a shared trunk with loss weights `weights(step)`.
+
+    `weights(step)` maps each task trained at that step to its loss weight, so a task
+    that it leaves out is neither trained nor logged. The regression target is the
+    projection of the inputs on a direction orthogonal to every class center: the trunk
+    must spend a feature on it that classification has no use for.
+    """
+    generator = _seed(seed)
+    data = Blobs(4, generator)
+    centers_basis, _ = torch.linalg.qr(data.centers.T)
+    direction = torch.randn(FEATURES, generator=generator)
+    direction = direction - centers_basis @ (centers_basis.T @ direction)
+    direction = direction / direction.norm()
+    model = BottleneckTwoTaskModel(width)
+    optimizer = _adamw(model, lr=3e-3)
+    with runlens.record(run_dir, model=model, optimizer=optimizer,
+                        shared_params=model.backbone, config={"scenario": scenario},
+                        **_options()) as rec:
+        for step in range(steps):
+            inputs, labels = data.sample(64)
+            logits, predictions = model(inputs)
+            task_losses = {"classification": F.cross_entropy(logits, labels),
+                           "regression": F.mse_loss(predictions, inputs @ direction)}
+            step_weights = weights(step)
+            losses = {task: task_losses[task] for task in step_weights}
+            rec.probe_tasks(losses, step_weights)
+            total = sum(step_weights[task] * loss for task, loss in losses.items())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            rec.step(total, losses=losses, loss_weights=step_weights)
+
+
+def negative_transfer(run_dir: Path, seed: int = 45) -> None:
+    """Raise the regression weight 10x, from 0.1 to 1.0, at step 300 on a 2-feature trunk.
+
+    Classification uses both trunk features to separate its four classes, and the
+    regression target lies in a direction that classification does not use. Once the
+    regression loss has the same weight as the classification loss, the trunk turns
+    toward the regression target: the regression loss falls and the classification
+    loss more than doubles over the next 150 steps.
+    """
+    def weights(step: int) -> dict[str, float]:
+        return {"classification": 1.0, "regression": 0.1 if step < 300 else 1.0}
+
+    _train_reweighted_tasks(run_dir, seed, width=2, weights=weights,
+                            scenario="negative-transfer")
+
+
 # -- healthy scenarios --------------------------------------------------------------------
 
 def healthy_adamw_warmup_cosine(run_dir: Path, seed: int = 11) -> None:
@@ -865,6 +936,21 @@ def healthy_gradual_unfreeze(run_dir: Path, seed: int = 53) -> None:
         scenario="healthy")
 
 
+def healthy_task_reweight(run_dir: Path, seed: int = 46) -> None:
+    """Add regression at weight 0.1 at step 200, then raise it 10x at step 400, on 16 features.
+
+    The weights are those of `negative_transfer`, but the regression task joins later and
+    the trunk has room for both tasks. The classification loss stays level through both
+    changes while the regression loss falls.
+    """
+    def weights(step: int) -> dict[str, float]:
+        if step < 200:
+            return {"classification": 1.0}
+        return {"classification": 1.0, "regression": 0.1 if step < 400 else 1.0}
+
+    _train_reweighted_tasks(run_dir, seed, width=16, weights=weights, scenario="healthy")
+
+
 SCENARIOS: dict[str, Callable[[Path], None]] = {
     "clipping-every-step": clipping_every_step,
     "rare-class-collapse": rare_class_collapse,
@@ -895,6 +981,7 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "amp-gradient-underflow": amp_gradient_underflow,
     "frozen-param-moved": frozen_param_moved,
     "stale-optimizer-state": stale_optimizer_state,
+    "negative-transfer": negative_transfer,
     "healthy-adamw-warmup-cosine": healthy_adamw_warmup_cosine,
     "healthy-sgd-step-decay": healthy_sgd_step_decay,
     "healthy-resume": healthy_resume,
@@ -906,6 +993,7 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "healthy-plain-sgd-cosine": healthy_plain_sgd_cosine,
     "healthy-bf16-autocast": healthy_bf16_autocast,
     "healthy-gradual-unfreeze": healthy_gradual_unfreeze,
+    "healthy-task-reweight": healthy_task_reweight,
 }
 
 
