@@ -741,8 +741,8 @@ def amp_gradient_underflow(run_dir: Path, seed: int = 50) -> None:
 
     Depths near 0.01 km averaged over 64 x 4096 values give each output a gradient of
     about 8e-6 times its error, and as the error shrinks more of it falls below fp16's
-    smallest subnormal (6e-8) and rounds to zero. The depth loss ends five orders of
-    magnitude below the loss of a class head trained beside it.
+    smallest subnormal (6e-8) and rounds to zero. The depth loss sits more than three
+    orders of magnitude below the loss of a class head trained beside it.
     """
     generator = _seed(seed)
     basis = torch.randn(FEATURES, DEPTH_OUTPUTS, generator=generator) / FEATURES ** 0.5
@@ -890,6 +890,34 @@ def negative_transfer(run_dir: Path, seed: int = 45) -> None:
                             scenario="negative-transfer")
 
 
+def logit_explosion(run_dir: Path, seed: int = 40) -> None:
+    """Pass the raw logits to F.nll_loss, which expects log-probabilities.
+
+    Without log_softmax the loss is minus the correct class's logit, which has no lower
+    bound, so Adam raises that logit step after step: the logits grow without limit while
+    the training loss falls below zero.
+    """
+    _train_classifier(
+        run_dir, steps=400, seed=seed, loss_fn=F.nll_loss,
+        make_optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=1e-3),
+        config={"scenario": "logit-explosion"})
+
+
+def missing_warmup(run_dir: Path, seed: int = 41) -> None:
+    """Start Adam at its peak lr of 0.03, with no warmup, on an MLP with 256-unit layers.
+
+    Adam's first update moves every weight element with a nonzero gradient by about the
+    lr, so it changes the layers with 256 inputs by over half their norm. The loss jumps
+    from 1.3 to 11.7 at step 2, and at step 10 the second ReLU layer outputs zero for 85%
+    of its elements. The same run with 50 steps of linear warmup from 1% of the lr keeps
+    its loss below 1.4, and that share is 39% at step 10.
+    """
+    _train_classifier(
+        run_dir, steps=300, seed=seed, make_model=lambda: _mlp(hidden=256),
+        make_optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=0.03),
+        config={"scenario": "missing-warmup"})
+
+
 # -- healthy scenarios --------------------------------------------------------------------
 
 def healthy_adamw_warmup_cosine(run_dir: Path, seed: int = 11) -> None:
@@ -982,6 +1010,8 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "frozen-param-moved": frozen_param_moved,
     "stale-optimizer-state": stale_optimizer_state,
     "negative-transfer": negative_transfer,
+    "logit-explosion": logit_explosion,
+    "missing-warmup": missing_warmup,
     "healthy-adamw-warmup-cosine": healthy_adamw_warmup_cosine,
     "healthy-sgd-step-decay": healthy_sgd_step_decay,
     "healthy-resume": healthy_resume,

@@ -65,6 +65,8 @@ EXPECTED = {
     "frozen-param-moved": ("frozen-param-moved", 150, 390),
     "stale-optimizer-state": ("stale-optimizer-state", 140, 450),
     "negative-transfer": ("negative-transfer", 300, 449),
+    "logit-explosion": ("logit-explosion", 100, 390),
+    "missing-warmup": ("missing-warmup", 0, 0),
 }
 
 # Other rules that rightly fire on a failure run, because one fault shows in several
@@ -97,6 +99,10 @@ ALSO_EXPECTED = {
     # The two tasks conflict on the shared trunk (cosine near -0.55), which is what makes
     # raising one task's weight hurt the other.
     "negative-transfer": {"task-gradient-imbalance"},
+    # Raw logits fed to nll_loss grow without bound and ruin the validation loss.
+    "logit-explosion": {"overfitting"},
+    # The first full-size Adam steps kill most of the second layer's ReLUs.
+    "missing-warmup": {"dead-activations"},
 }
 
 # Info findings that healthy runs may carry: clipping at 5.0 never fires in a run whose
