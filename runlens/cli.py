@@ -30,7 +30,7 @@ from runlens.analyze import (
 from runlens.analyze.engine import DEFAULT_MAX_FINDINGS, DEFAULT_RULE_TIMEOUT
 from runlens.analyze.errors import EXIT_INPUT_ERROR, single_line
 from runlens.analyze.rules import Rule, duplicate_id_problems, find_rule_files
-from runlens.reports import render
+from runlens.reports import FORMATS, render
 
 app = typer.Typer(
     name="runlens",
@@ -46,12 +46,6 @@ rules_app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(rules_app, name="rules")
-
-
-class ReportFormat(str, Enum):
-    text = "text"
-    json = "json"
-    markdown = "markdown"
 
 
 class FailOn(str, Enum):
@@ -132,12 +126,20 @@ def analyze(
             help="Set a rule parameter, such as clipping-every-step.window=200. Repeatable.",
         ),
     ] = None,
-    report_format: Annotated[
-        ReportFormat, typer.Option("--format", help="Report format.")
-    ] = ReportFormat.text,
+    formats: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--format",
+            metavar="FORMAT[=PATH]",
+            help=f"Report format: {', '.join(FORMATS)} (default text). Repeatable; "
+            "FORMAT=PATH writes that format to PATH, as in --format junit=report.xml.",
+        ),
+    ] = None,
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", help="Write the report to this file, not stdout."),
+        typer.Option(
+            "--output", "-o", help="Write the report whose --format has no =PATH to this file."
+        ),
     ] = None,
     fail_on: Annotated[
         FailOn,
@@ -175,23 +177,60 @@ def analyze(
     """Analyze a run directory and report the failures that the rules find."""
     with _input_errors():
         _require_rules(rules, no_builtin, "evaluate")
+        outputs = plan_outputs(formats or ["text"], output, run_dir)
         loaded = apply_overrides(load_rules(rules or [], builtin=not no_builtin), overrides or [])
-        if output is not None:
-            _check_output_outside_run(output, run_dir)
         with Run.open(run_dir, skip_corrupt=skip_corrupt) as run:
             report = evaluate(run, loaded, rule_timeout=rule_timeout, max_findings=max_findings)
-        text = render(report, report_format.value, fail_on.value)
-        _write_report(text, output)
+            rendered = [(render(report, name, fail_on.value, run), path)
+                        for name, path in outputs]
+        for text, path in rendered:
+            _write_report(text, path)
 
     _print_errors([f"rule '{f.rule_id}': {f.error}" for f in report.errored])
     raise typer.Exit(report.exit_code(fail_on.value))
 
 
+def plan_outputs(formats: list[str], output: Optional[Path],
+                 run_dir: Path) -> list[tuple[str, Optional[Path]]]:
+    """Pair each --format value with its destination file, or None for stdout.
+
+    A value FORMAT=PATH names its own file. At most one value may have no PATH: it goes
+    to --output, or to stdout without one.
+    """
+    planned: list[tuple[str, Optional[Path]]] = []
+    for value in formats:
+        name, _, path_text = value.partition("=")
+        if name not in FORMATS:
+            raise RunlensError(f"--format {value}: unknown format {name!r}; use one of "
+                               f"{', '.join(FORMATS)}")
+        if "=" in value and not path_text:
+            raise RunlensError(f"--format {value}: the path after '=' is empty; write "
+                               f"{name}=PATH, or {name} alone for stdout or --output")
+        planned.append((name, Path(path_text) if path_text else None))
+    unplaced = [name for name, path in planned if path is None]
+    if len(unplaced) > 1:
+        raise RunlensError(
+            f"--format {' and --format '.join(unplaced)}: only one format can go to "
+            f"{'--output' if output else 'stdout'}; give the others a file, as in "
+            f"--format {unplaced[-1]}=report.{unplaced[-1]}")
+    if output is not None and not unplaced:
+        raise RunlensError(f"--output {output}: every --format names its own file, so "
+                           "--output would receive nothing; drop it or a format's =PATH")
+    planned = [(name, output if path is None else path) for name, path in planned]
+    targets = [path for _, path in planned if path is not None]
+    for path in targets:
+        if targets.count(path) > 1:
+            raise RunlensError(f"--format: two formats would write {path}; give each its "
+                               "own file")
+        _check_output_outside_run(path, run_dir)
+    return planned
+
+
 def _check_output_outside_run(output: Path, run_dir: Path) -> None:
     if output.resolve().is_relative_to(run_dir.resolve()):
         raise RunlensError(
-            f"--output {output}: is inside the run directory {run_dir}, which the analyzer "
-            "never modifies; write the report to another folder"
+            f"report file {output}: is inside the run directory {run_dir}, which the "
+            "analyzer never modifies; write the report to another folder"
         )
 
 

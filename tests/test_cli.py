@@ -245,7 +245,7 @@ def test_analyze_unknown_option_is_usage_error(healthy_run: Path) -> None:
 def test_analyze_bad_format_lists_choices(healthy_run: Path) -> None:
     result = analyze(healthy_run, "--format", "xml")
     assert result.exit_code == 2
-    assert "'xml' is not one of 'text', 'json', 'markdown'" in result.stderr
+    assert "--format xml: unknown format 'xml'; use one of text, json" in result.stderr
 
 
 def test_analyze_bad_fail_on(healthy_run: Path) -> None:
@@ -284,6 +284,45 @@ def test_analyze_output_file(spiking_run: Path, tmp_path: Path, report_format: s
     assert result.exit_code == 1, result.output
     assert result.stdout == ""
     assert "loss-above-threshold" in output.read_text()
+
+
+def test_analyze_several_formats_one_run(spiking_run: Path, tmp_path: Path) -> None:
+    result = analyze(spiking_run, "--format", "text", "--format",
+                     f"json={tmp_path / 'report.json'}", "--format",
+                     f"markdown={tmp_path / 'report.md'}")
+    assert result.exit_code == 1, result.output
+    assert "ERROR (2)" in result.stdout
+    findings = json.loads((tmp_path / "report.json").read_text())["findings"]
+    assert len(findings) == 2
+    assert "loss-above-threshold" in (tmp_path / "report.md").read_text()
+
+
+def test_analyze_unplaced_format_goes_to_output(spiking_run: Path, tmp_path: Path) -> None:
+    result = analyze(spiking_run, "--format", f"json={tmp_path / 'a.json'}",
+                     "--format", "markdown", "-o", tmp_path / "b.md")
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert (tmp_path / "a.json").read_text().startswith("{")
+    assert (tmp_path / "b.md").read_text().startswith("#")
+
+
+@pytest.mark.parametrize(("formats", "problem"), [
+    (["--format", "text", "--format", "json"],
+     "--format text and --format json: only one format can go to stdout; give the others "
+     "a file, as in --format json=report.json"),
+    (["--format", "pdf"], "--format pdf: unknown format 'pdf'; use one of text, json"),
+    (["--format", "json="], "--format json=: the path after '=' is empty"),
+    (["--format", "json=same.out", "--format", "markdown=same.out"],
+     "--format: two formats would write same.out; give each its own file"),
+    (["--format", "json=a.json", "-o", "b.txt"],
+     "--output b.txt: every --format names its own file"),
+])
+def test_analyze_format_plan_errors(spiking_run: Path, formats: list[str],
+                                    problem: str) -> None:
+    result = analyze(spiking_run, *formats)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"runlens: error: {problem}")
+    assert result.stdout == ""
 
 
 def test_analyze_output_inside_run_rejected(spiking_run: Path) -> None:

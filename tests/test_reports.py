@@ -26,7 +26,7 @@ def report(spiking_run: Path) -> Report:
 def test_json_report_shape(report: Report) -> None:
     data = json.loads(render_json(report, "error"))
     assert list(data) == ["runlens_version", "run", "summary", "findings", "not_evaluated",
-                          "errored", "passed", "warnings"]
+                          "errored", "passed", "warnings", "waived", "expired_waivers"]
     assert list(data["run"]) == ["path", "format_version", "steps", "first_step", "last_step",
                                  "segments", "ranks", "tables"]
     assert data["run"]["steps"] == 100
@@ -36,6 +36,7 @@ def test_json_report_shape(report: Report) -> None:
         "not_evaluated": 1,
         "passed": 1,
         "errored": 0,
+        "waived": 0,
         "fail_on": "error",
         "exit_code": 1,
     }

@@ -85,6 +85,19 @@ class RuleFailure:
         return {"rule_id": self.rule_id, "title": self.title, "error": self.error}
 
 
+@dataclass(frozen=True)
+class Waived:
+    """A finding that a waiver accepted: it is reported but does not fail the gate."""
+
+    finding: Finding
+    reason: str
+    expires: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.finding.to_dict(),
+                "waiver": {"reason": self.reason, "expires": self.expires}}
+
+
 @dataclass
 class Report:
     """Everything the analysis of one run found, ready for a renderer."""
@@ -96,6 +109,9 @@ class Report:
     passed: list[str] = field(default_factory=list)
     errored: list[RuleFailure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    waived: list[Waived] = field(default_factory=list)
+    # One message per waiver whose expiry date has passed; each fails the gate.
+    expired_waivers: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Return the number of findings per severity, for every severity."""
@@ -110,6 +126,8 @@ class Report:
             return EXIT_INPUT_ERROR
         if fail_on == "never":
             return EXIT_OK
+        if self.expired_waivers:
+            return EXIT_FINDINGS
         gating = SEVERITIES[: SEVERITIES.index(fail_on) + 1]
         failed = any(finding.severity in gating for finding in self.findings)
         return EXIT_FINDINGS if failed else EXIT_OK
@@ -135,6 +153,7 @@ class Report:
                 "not_evaluated": len(self.not_evaluated),
                 "passed": len(self.passed),
                 "errored": len(self.errored),
+                "waived": len(self.waived),
                 "fail_on": fail_on,
                 "exit_code": self.exit_code(fail_on),
             },
@@ -143,6 +162,8 @@ class Report:
             "errored": [item.to_dict() for item in self.errored],
             "passed": list(self.passed),
             "warnings": list(self.warnings),
+            "waived": [item.to_dict() for item in self.waived],
+            "expired_waivers": list(self.expired_waivers),
         }
 
 

@@ -61,8 +61,9 @@ def summary_line(report: Report) -> str:
     findings = ", ".join(
         f"{counts[s]} info" if s == "info" else plural(counts[s], s) for s in SEVERITIES
     )
+    waived = f", {len(report.waived)} waived" if report.waived else ""
     return (
-        f"Findings: {findings}. {len(report.not_evaluated)} not evaluated, "
+        f"Findings: {findings}{waived}. {len(report.not_evaluated)} not evaluated, "
         f"{len(report.passed)} passed, {len(report.errored)} errored."
     )
 
@@ -74,6 +75,9 @@ def gate_line(report: Report, fail_on: str) -> str:
         return f"Exit {exit_code}: {plural(len(report.errored), 'rule')} failed to run."
     if fail_on == "never":
         return f"Exit {exit_code}: --fail-on never, so findings do not fail the run."
+    if report.expired_waivers:
+        return (f"Exit {exit_code}: {plural(len(report.expired_waivers), 'waiver')} expired; "
+                "renew or remove it in the configuration.")
     gating = SEVERITIES[: SEVERITIES.index(fail_on) + 1]
     count = sum(1 for finding in report.findings if finding.severity in gating)
     return (

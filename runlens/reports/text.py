@@ -23,6 +23,7 @@ def render_text(report: Report, fail_on: str) -> str:
             lines += ["", f"{severity.upper()} ({len(findings)})"]
             for finding in findings:
                 lines += _finding_lines(finding)
+    lines += _waiver_lines(report)
     lines += _rule_error_lines(report)
     lines += _not_evaluated_lines(report)
     if report.passed:
@@ -42,6 +43,23 @@ def _finding_lines(finding: Finding) -> list[str]:
         lines += _wrap("evidence: " + common.evidence_text(finding.evidence), DETAIL_INDENT)
     lines += _wrap("fix: " + " ".join(finding.remediation.split()), DETAIL_INDENT)
     lines.append(f"{DETAIL_INDENT}docs: {finding.docs}")
+    return lines
+
+
+def _waiver_lines(report: Report) -> list[str]:
+    lines = []
+    if report.expired_waivers:
+        lines += ["", f"Expired waivers ({len(report.expired_waivers)})"]
+        for message in report.expired_waivers:
+            lines += _wrap(message, "  ")
+    if report.waived:
+        lines += ["", f"Waived ({len(report.waived)})"]
+        for item in report.waived:
+            finding = item.finding
+            until = f" until {item.expires}" if item.expires else ""
+            lines.append(f"  {finding.rule_id} [{common.step_range(finding)}] "
+                         f"({finding.severity}){until}")
+            lines += _wrap(f"reason: {item.reason}", DETAIL_INDENT)
     return lines
 
 
