@@ -114,6 +114,67 @@ def test_loss_weight_change_on_weight_or_task(tmp_path):
     ]
 
 
+def _record_weights(run_dir: Path, schedule: list[dict]) -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with runlens.record(run_dir, model=model, optimizer=optimizer, strict=True) as rec:
+        for step, weights in enumerate(schedule):
+            losses = task_losses(model, step)
+            loss = losses["a"] + losses["b"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            rec.step(loss, losses=losses, loss_weights=weights)
+
+
+def test_loss_weight_ramp_writes_an_event_per_half(tmp_path):
+    # 0.1 to 0.9 in steps of 0.01: an event at the first weight that is at least 1.5 times
+    # the weight of the last event (1.5 * 0.1 rounds above 0.15 in floating point).
+    ramp = [{"a": 1.0, "b": round(0.1 + 0.01 * index, 2)} for index in range(81)]
+    _record_weights(tmp_path, ramp)
+    events = _events(tmp_path, run_format.EVENT_LOSS_WEIGHT_CHANGE)
+    assert [event["weights_after"]["b"] for event in events] == [0.16, 0.24, 0.36, 0.54, 0.81]
+
+
+def test_loss_weight_nan_or_text_is_no_change(tmp_path):
+    schedule = [{"a": 1.0, "b": float("nan")}, {"a": 1.0, "b": float("nan")},
+                {"a": 1.0, "b": "0.5"}, {"a": 1.0, "b": "0.7"}]
+    _record_weights(tmp_path, schedule)
+    assert _events(tmp_path, run_format.EVENT_LOSS_WEIGHT_CHANGE) == []
+
+
+def test_loss_weight_mixed_key_types_keep_events(tmp_path):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with runlens.record(tmp_path, model=model, optimizer=optimizer, strict=True) as rec:
+        for step in range(3):
+            losses = task_losses(model, step)
+            loss = losses["a"] + losses["b"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            keyed = {1: losses["a"], "b": losses["b"]} if step else {1: losses["a"]}
+            rec.step(loss, losses=keyed, loss_weights={1: 1.0, "b": 1.0})
+    (event,) = _events(tmp_path, run_format.EVENT_LOSS_WEIGHT_CHANGE)
+    assert event["added"] == ["b"]
+
+
+def test_log_dataset_failure_keeps_other_events(tmp_path):
+    class Unprintable:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with runlens.record(tmp_path, model=model, optimizer=optimizer) as rec:
+        rec.log_dataset("train", source=Unprintable())
+        _train(rec, model, optimizer, range(2))
+        model.head_b.requires_grad_(False)
+        _train(rec, model, optimizer, range(2, 3))
+    assert rec.error_counts == {"dataset logging": 1}
+    assert len(_events(tmp_path, run_format.EVENT_FREEZE)) == 1
+
+
 def test_log_dataset_describes_and_marks_changes(tmp_path):
     with runlens.record(tmp_path, strict=True) as rec:
         rec.log_dataset("train", name="shards-v1", size=1000)
@@ -210,7 +271,7 @@ def test_change_checks_never_sync(tmp_path, monkeypatch):
             if step == 2:
                 model.head_b.requires_grad_(False)
             losses = task_losses(model, step)
-            weights = {"a": 1.0, "b": 1.0 + step}
+            weights = {"a": 1.0, "b": 2.0 ** step}
             loss = losses["a"] + weights["b"] * losses["b"]
             loss.backward()
             optimizer.step()

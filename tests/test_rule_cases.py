@@ -13,7 +13,7 @@ import torch
 
 import runlens
 from runlens.analyze import Run, evaluate, load_rules
-from recorder_helpers import make_model, total_loss
+from recorder_helpers import make_model, task_losses, total_loss
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,34 @@ def test_stale_optimizer_state_ignores_a_pause_shorter_than_min_lag(tmp_path, ru
     assert _findings(tmp_path, rules, "stale-optimizer-state") == []
 
 
+def test_stale_optimizer_state_accepts_fresh_state_at_unfreeze(tmp_path, rules):
+    pause = _pause_backbone(40, 140)
+
+    def drop_state_when_unfreezing(step, rec, model, optimizer):
+        pause(step, rec, model, optimizer)
+        if step == 140:
+            for param in model.backbone.parameters():
+                optimizer.state.pop(param, None)
+
+    _train_adam(tmp_path, 200, drop_state_when_unfreezing)
+    assert _findings(tmp_path, rules, "stale-optimizer-state") == []
+
+
+def test_stale_optimizer_state_ignores_heads_used_in_turn(tmp_path, rules):
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with runlens.record(tmp_path, model=model, optimizer=optimizer, param_stats_every=100,
+                        strict=True) as rec:
+        for step in range(400):
+            optimizer.zero_grad()
+            losses = task_losses(model, step)
+            loss = losses["a"] if step % 4 else losses["b"]
+            loss.backward()
+            optimizer.step()
+            rec.step(loss)
+    assert _findings(tmp_path, rules, "stale-optimizer-state") == []
+
+
 def test_frozen_param_moved_ignores_a_freeze_that_clears_gradients(tmp_path, rules):
     _train_adam(tmp_path, 100, _pause_backbone(30, 1000))
     assert _findings(tmp_path, rules, "frozen-param-moved") == []
@@ -115,3 +143,36 @@ def test_frozen_param_moved_reports_adam_stepping_frozen_zero_gradients(tmp_path
     assert (finding.step_start, finding.step_end) == (30, 50)
     assert "2 parameters with requires_grad=False" in finding.message
     assert "(head_b.bias, head_b.weight)" in finding.message
+
+
+def _train_fp16_with_small_task(run_dir: Path, scaler) -> None:
+    """Train two heads under fp16 autocast, one of them on a loss 1e-5 times the other."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with runlens.record(run_dir, model=model, optimizer=optimizer, scaler=scaler,
+                        param_stats_every=10, strict=True) as rec:
+        for step in range(40):
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                losses = task_losses(model, step)
+            losses = {"a": losses["a"].float(), "b": 1e-5 * losses["b"].float()}
+            loss = losses["a"] + losses["b"]
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            rec.step(loss, losses=losses)
+
+
+def test_amp_gradient_underflow_reports_small_loss_without_scaler(tmp_path, rules):
+    _train_fp16_with_small_task(tmp_path, scaler=None)
+    (finding,) = _findings(tmp_path, rules, "amp-gradient-underflow")
+    assert finding.message.startswith("Under fp16, task b: its median loss")
+
+
+def test_amp_gradient_underflow_trusts_a_working_scaler(tmp_path, rules):
+    _train_fp16_with_small_task(tmp_path, scaler=torch.amp.GradScaler("cpu"))
+    assert _findings(tmp_path, rules, "amp-gradient-underflow") == []

@@ -8,6 +8,8 @@ float weights), so it costs no host-device synchronization.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -65,25 +67,36 @@ class ParamWatcher:
             self._groups = groups
 
 
+# A weight counts as changed when it moves by at least this factor from its value at the
+# last event, or changes sign, or moves to or from zero. A slow ramp (KL annealing, say)
+# then writes an event each time it has grown by half, not one on every step.
+WEIGHT_CHANGE_FACTOR = 1.5
+
+
 class LossWeightWatcher:
     """Emits a `loss_weight_change` event when the tasks or their float weights change.
 
-    Tensor weights are not compared, since reading them would synchronize; the `losses`
-    table still holds their values.
+    Weights are compared with those of the last event, so that gradual drift adds up to a
+    change. Tensor weights are not compared, since reading them would synchronize; the
+    `losses` table still holds their values.
     """
 
     def __init__(self, emit: Emit) -> None:
         self._emit = emit
-        self._weights: dict[str, float | None] | None = None
+        self._weights: dict[str, float | str | None] | None = None
 
     def check(self, losses: Mapping[str, Any], weights: Mapping[str, Any]) -> None:
         if not losses:
             return
-        current = {task: _plain_weight(weights.get(task)) for task in losses}
+        current = {str(task): _plain_weight(weights.get(task)) for task in losses}
         previous = self._weights
-        self._weights = current
-        if previous is None or previous == current:
+        if previous is None:
+            self._weights = current
             return
+        if set(current) == set(previous) and not any(
+                _weight_changed(previous[task], current[task]) for task in current):
+            return
+        self._weights = current
         self._emit(run_format.EVENT_LOSS_WEIGHT_CHANGE, {
             "weights_before": previous,
             "weights_after": current,
@@ -93,14 +106,24 @@ class LossWeightWatcher:
 
 
 def _plain_weight(weight: Any) -> float | str | None:
-    if weight is None:
-        return None
+    """Return a float weight as a float, a tensor as "tensor", anything else as None."""
     if isinstance(weight, torch.Tensor):
         return "tensor"
-    try:
-        return float(weight)
-    except (TypeError, ValueError):
-        return None
+    if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
+        value = float(weight)
+        return value if math.isfinite(value) else None
+    return None
+
+
+def _weight_changed(before: float | str | None, after: float | str | None) -> bool:
+    if not isinstance(before, float) or not isinstance(after, float):
+        return before != after
+    if before == after:
+        return False
+    if before * after <= 0:
+        return True
+    small, large = sorted((abs(before), abs(after)))
+    return large >= WEIGHT_CHANGE_FACTOR * small
 
 
 class DatasetWatcher:
