@@ -10,7 +10,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import duckdb
@@ -41,6 +41,7 @@ def evaluate(
     *,
     rule_timeout: float = DEFAULT_RULE_TIMEOUT,
     max_findings: int = DEFAULT_MAX_FINDINGS,
+    on_rule_done: Callable[[Rule], None] | None = None,
 ) -> Report:
     """Evaluate every rule on the run and return the report.
 
@@ -49,6 +50,8 @@ def evaluate(
     is reported as errored, and the remaining rules still run. A rule keeps at most
     `max_findings` findings, with a report warning when it had more. Findings are sorted
     by severity, then by first step, with run-level findings (no step) first.
+    `on_rule_done`, when given, is called with each rule once its outcome is recorded,
+    such as to advance a progress bar.
 
     Raises:
         RunError: DuckDB failed to read the run's Parquet parts, such as a part with
@@ -56,6 +59,11 @@ def evaluate(
     """
     report = Report(run=run.summary(), rules_loaded=len(rules), warnings=list(run.warnings))
     for rule in rules:
+        report.rule_categories[rule.id] = rule.category
+        report.rule_signals[rule.id] = tuple(
+            f"{table}.{column}" for table, columns in rule.requires.items()
+            for column in columns)
+    for rule in _notify_after_each(rules, on_rule_done):
         # signals: a rule without its data is reported, never passed
         missing = missing_signals(run, rule)
         if missing:
@@ -87,6 +95,20 @@ def evaluate(
     report.findings.sort(key=_finding_order)
     report.not_evaluated.sort(key=lambda item: item.rule_id)
     return report
+
+
+def _notify_after_each(
+    rules: Sequence[Rule], on_rule_done: Callable[[Rule], None] | None
+) -> Iterator[Rule]:
+    """Yield each rule, and call `on_rule_done` with it when the loop requests the next.
+
+    The loop body ends in several `continue` statements, so the call sits here, where
+    every path through the body passes.
+    """
+    for rule in rules:
+        yield rule
+        if on_rule_done is not None:
+            on_rule_done(rule)
 
 
 def missing_signals(run: Run, rule: Rule) -> tuple[str, ...]:

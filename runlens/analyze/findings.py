@@ -112,6 +112,11 @@ class Report:
     waived: list[Waived] = field(default_factory=list)
     # One message per waiver whose expiry date has passed; each fails the gate.
     expired_waivers: list[str] = field(default_factory=list)
+    # Rule id -> category, and rule id -> the `table.column` signals the rule requires,
+    # for every rule evaluated, so that formats can place and group rules without
+    # findings.
+    rule_categories: dict[str, str] = field(default_factory=dict)
+    rule_signals: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Return the number of findings per severity, for every severity."""

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from runlens.analyze.findings import Report
+from runlens.reports.github import render_github
+from runlens.reports.html import render_html
 from runlens.reports.json import render_json
+from runlens.reports.junit import render_junit
 from runlens.reports.markdown import render_markdown
 from runlens.reports.text import render_text
 
@@ -43,6 +46,12 @@ FORMATS: dict[str, ReportFormat] = {
                          "every field, for scripts (docs/cli.md describes the shape)"),
     "markdown": ReportFormat("markdown", _report_only(render_markdown),
                              "a summary for a pull request comment or a job summary"),
+    "junit": ReportFormat("junit", _report_only(render_junit),
+                          "JUnit XML, one test case per rule, for CI test reports"),
+    "github": ReportFormat("github", _report_only(render_github),
+                           "GitHub Actions annotations, one workflow command per finding"),
+    "html": ReportFormat("html", render_html,
+                         "one self-contained page with charts of the run (docs/reports.md)"),
 }
 
 
@@ -51,5 +60,5 @@ def render(report: Report, format_name: str, fail_on: str, run: Optional["Run"] 
     return FORMATS[format_name].render(report, fail_on, run)
 
 
-__all__ = ["FORMATS", "ReportFormat", "render", "render_json", "render_markdown",
-           "render_text"]
+__all__ = ["FORMATS", "ReportFormat", "render", "render_github", "render_json", "render_junit",
+           "render_markdown", "render_text"]
