@@ -24,6 +24,12 @@ RULES_FIXTURES = Path(__file__).parent / "rules_fixtures"
 Columns = dict[str, list[Any]]
 
 
+@pytest.fixture(autouse=True)
+def _no_job_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the analyses of the tests out of the job summary of a CI machine that runs them."""
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
 def default_meta() -> dict[str, Any]:
     return {
         "format_version": fmt.FORMAT_VERSION,

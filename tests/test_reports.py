@@ -100,12 +100,14 @@ def test_text_report_header(report: Report) -> None:
 
 def test_markdown_report_summary_then_details(report: Report) -> None:
     text = render_markdown(report, "warning")
-    assert text.startswith("# runlens report\n")
+    assert text.startswith("# runlens report: failed\n")
     assert "| error | 2 |" in text
     assert "| not evaluated | 1 |" in text
     assert "| error | `loss-above-threshold` | step 40 | loss 9.00 at step 40 |" in text
-    assert text.count("<details>") == 2
-    assert text.index("## Findings") < text.index("<details>") < text.index("## Not evaluated")
+    # two finding details, then the collapsed not-evaluated and passed sections
+    assert text.count("<details>") == 4
+    not_evaluated = text.index("<summary>Not evaluated (1)</summary>")
+    assert text.index("## Findings") < text.index("<details>") < not_evaluated
     assert "| loss | 9 |" in text
     assert "**Docs:** [docs/rules/loss-above-threshold.md]" in text
 
