@@ -8,10 +8,11 @@ out). An internal error exits 2 too, so that a crash never reads as "findings".
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,15 +23,26 @@ import runlens
 from runlens.analyze import (
     Run,
     RunlensError,
-    apply_overrides,
     evaluate,
     load_rule_file,
-    load_rules,
 )
 from runlens.analyze.engine import DEFAULT_MAX_FINDINGS, DEFAULT_RULE_TIMEOUT
 from runlens.analyze.errors import EXIT_INPUT_ERROR, single_line
 from runlens.analyze.rules import Rule, duplicate_id_problems, find_rule_files
+from runlens.config import (
+    CommandLine,
+    Settings,
+    build_rule_set,
+    describe_settings,
+    render_settings_text,
+    resolve_settings,
+)
+from runlens.plot import plot_run
+from runlens.query import DEFAULT_LIMIT as DEFAULT_QUERY_LIMIT
+from runlens.query import query_run
 from runlens.reports import FORMATS, render
+from runlens.show import show_run
+from runlens.waivers import apply_waivers
 
 app = typer.Typer(
     name="runlens",
@@ -61,6 +73,61 @@ RulesOption = Annotated[
         "--rules",
         metavar="PATH",
         help="Rule file or folder (searched for *.yaml and *.yml) to load. Repeatable.",
+    ),
+]
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config",
+        metavar="PATH",
+        help="Read this runlens.toml or pyproject.toml instead of searching from the "
+        "current directory upward.",
+    ),
+]
+NoConfigOption = Annotated[
+    bool, typer.Option("--no-config", help="Ignore configuration files.")
+]
+BuiltinOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--builtin/--no-builtin",
+        help="Load the built-in rules, or not. Default: load them, unless the "
+        "configuration sets no-builtin.",
+    ),
+]
+SelectOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--select",
+        metavar="ID",
+        help="Keep only these rule ids or categories; replaces the configuration's select. "
+        "Repeatable or comma-separated.",
+    ),
+]
+IgnoreOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--ignore",
+        metavar="ID",
+        help="Drop these rule ids or categories, even if selected; replaces the "
+        "configuration's ignore. Repeatable or comma-separated.",
+    ),
+]
+FailOnOption = Annotated[
+    Optional[FailOn],
+    typer.Option(
+        "--fail-on",
+        help="Exit 1 when a finding has this severity or a higher one. Default: error, "
+        "or fail-on from the configuration.",
+    ),
+]
+OverridesOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        metavar="RULE.PARAM=VALUE",
+        help="Set a rule parameter, such as clipping-every-step.window=200. Repeatable; "
+        "wins over the configuration's params.",
     ),
 ]
 
@@ -115,17 +182,12 @@ def analyze(
         Path, typer.Argument(metavar="RUN_DIR", help="Run directory that the recorder wrote.")
     ],
     rules: RulesOption = None,
-    no_builtin: Annotated[
-        bool, typer.Option("--no-builtin", help="Do not load the built-in rules.")
-    ] = False,
-    overrides: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--set",
-            metavar="RULE.PARAM=VALUE",
-            help="Set a rule parameter, such as clipping-every-step.window=200. Repeatable.",
-        ),
-    ] = None,
+    builtin: BuiltinOption = None,
+    overrides: OverridesOption = None,
+    select: SelectOption = None,
+    ignore: IgnoreOption = None,
+    config: ConfigOption = None,
+    no_config: NoConfigOption = False,
     formats: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -141,12 +203,7 @@ def analyze(
             "--output", "-o", help="Write the report whose --format has no =PATH to this file."
         ),
     ] = None,
-    fail_on: Annotated[
-        FailOn,
-        typer.Option(
-            "--fail-on", help="Exit 1 when a finding has this severity or a higher one."
-        ),
-    ] = FailOn.error,
+    fail_on: FailOnOption = None,
     skip_corrupt: Annotated[
         bool,
         typer.Option(
@@ -176,18 +233,116 @@ def analyze(
 ) -> None:
     """Analyze a run directory and report the failures that the rules find."""
     with _input_errors():
-        _require_rules(rules, no_builtin, "evaluate")
+        settings = _settings(rules, builtin, overrides, select, ignore, fail_on, config,
+                             no_config)
+        _require_rules(settings.rule_paths, settings.no_builtin.value, "evaluate")
         outputs = plan_outputs(formats or ["text"], output, run_dir)
-        loaded = apply_overrides(load_rules(rules or [], builtin=not no_builtin), overrides or [])
+        loaded = build_rule_set(settings).rules
+        gate = settings.fail_on.value
         with Run.open(run_dir, skip_corrupt=skip_corrupt) as run:
-            report = evaluate(run, loaded, rule_timeout=rule_timeout, max_findings=max_findings)
-            rendered = [(render(report, name, fail_on.value, run), path)
+            with _rule_progress(len(loaded)) as on_rule_done:
+                report = evaluate(run, loaded, rule_timeout=rule_timeout,
+                                  max_findings=max_findings, on_rule_done=on_rule_done)
+            apply_waivers(report, settings.waivers)
+            rendered = [(render(report, name, gate, run), path)
                         for name, path in outputs]
+            summary_file = os.environ.get(STEP_SUMMARY_VARIABLE)
+            if summary_file:
+                summary = render(report, "markdown", gate, run)
         for text, path in rendered:
             _write_report(text, path)
+        if summary_file:
+            _append_step_summary(summary, Path(summary_file), run_dir)
 
     _print_errors([f"rule '{f.rule_id}': {f.error}" for f in report.errored])
-    raise typer.Exit(report.exit_code(fail_on.value))
+    raise typer.Exit(report.exit_code(gate))
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="Run directory that the recorder wrote.")
+    ],
+    output_dir: Annotated[
+        Path,
+        typer.Option("--output", "-o", metavar="DIR",
+                     help="Folder for the PNG files, created if missing; must lie outside "
+                     "the run directory."),
+    ],
+    rules: RulesOption = None,
+    builtin: BuiltinOption = None,
+    overrides: OverridesOption = None,
+    select: SelectOption = None,
+    ignore: IgnoreOption = None,
+    config: ConfigOption = None,
+    no_config: NoConfigOption = False,
+    skip_corrupt: Annotated[
+        bool,
+        typer.Option("--skip-corrupt",
+                     help="Read every part in full and skip the parts that do not read."),
+    ] = False,
+) -> None:
+    """Draw the charts of the HTML report as PNG files, one per chart, with the findings."""
+    with _input_errors():
+        settings = _settings(rules, builtin, overrides, select, ignore, None, config,
+                             no_config)
+        _require_rules(settings.rule_paths, settings.no_builtin.value, "evaluate")
+        result = plot_run(run_dir, output_dir, settings, skip_corrupt=skip_corrupt)
+    for path in result.paths:
+        typer.echo(str(path))
+    _print_errors([f"rule '{f.rule_id}': {f.error}" for f in result.report.errored])
+    raise typer.Exit(EXIT_INPUT_ERROR if result.report.errored else 0)
+
+
+# GitHub Actions sets this to a file whose Markdown becomes the job's summary page.
+STEP_SUMMARY_VARIABLE = "GITHUB_STEP_SUMMARY"
+
+
+@contextlib.contextmanager
+def _rule_progress(total: int) -> Iterator[Optional[Callable[[Rule], None]]]:
+    """Show a progress bar over the rules on stderr, and yield the callback that advances it.
+
+    The bar shows only when stderr is a terminal and the CI variable is not set, so
+    that CI logs and captured output stay clean. Otherwise the callback is None.
+    """
+    if "CI" in os.environ or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    # redirect_stdout=False: the report goes to stdout after the bar, untouched by rich.
+    with Progress(TextColumn("evaluating rules"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), console=Console(stderr=True),
+                  transient=True, redirect_stdout=False, redirect_stderr=False) as progress:
+        task = progress.add_task("", total=total)
+        yield lambda rule: progress.update(task, advance=1, description=rule.id)
+
+
+def _append_step_summary(summary: str, path: Path, run_dir: Path) -> None:
+    """Append the Markdown summary to GitHub's job summary file; warn if that fails."""
+    try:
+        _check_output_outside_run(path, run_dir)
+        with path.open("a", encoding="utf-8") as file:
+            if file.tell() > 0:
+                file.write("\n")
+            file.write(summary)
+    except (OSError, RunlensError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        typer.echo(f"runlens: warning: {STEP_SUMMARY_VARIABLE}={path}: the job summary was "
+                   f"not written: {reason}", err=True)
+
+
+def _settings(rules: Optional[list[Path]], builtin: Optional[bool],
+              overrides: Optional[list[str]], select: Optional[list[str]],
+              ignore: Optional[list[str]], fail_on: Optional[FailOn],
+              config: Optional[Path], no_config: bool) -> Settings:
+    """Merge the configuration file with the command line's rule and gating options."""
+    command_line = CommandLine(
+        rules=rules or [], builtin=builtin, overrides=overrides or [], select=select,
+        ignore=ignore, fail_on=fail_on.value if fail_on else None,
+    )
+    return resolve_settings(command_line, config_path=config, no_config=no_config)
 
 
 def plan_outputs(formats: list[str], output: Optional[Path],
@@ -247,14 +402,17 @@ def _write_report(text: str, output: Optional[Path]) -> None:
 @rules_app.command("list")
 def list_rules(
     rules: RulesOption = None,
-    no_builtin: Annotated[
-        bool, typer.Option("--no-builtin", help="Do not list the built-in rules.")
-    ] = False,
+    builtin: BuiltinOption = None,
+    select: SelectOption = None,
+    ignore: IgnoreOption = None,
+    config: ConfigOption = None,
+    no_config: NoConfigOption = False,
 ) -> None:
-    """List the loaded rules: id, severity, category and title."""
+    """List the selected rules: id, severity (after the configuration's), category, title."""
     with _input_errors():
-        _require_rules(rules, no_builtin, "list")
-        loaded = load_rules(rules or [], builtin=not no_builtin)
+        settings = _settings(rules, builtin, None, select, ignore, None, config, no_config)
+        _require_rules(settings.rule_paths, settings.no_builtin.value, "list")
+        loaded = build_rule_set(settings).rules
     typer.echo(_rule_table(loaded), nl=False)
 
 
@@ -295,6 +453,143 @@ def check_rules(
     problems += duplicate_id_problems(valid)
     _print_errors(problems)
     raise typer.Exit(EXIT_INPUT_ERROR if problems else 0)
+
+
+class ConfigFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+@app.command("config")
+def show_config(
+    config: ConfigOption = None,
+    no_config: NoConfigOption = False,
+    rules: RulesOption = None,
+    builtin: BuiltinOption = None,
+    overrides: OverridesOption = None,
+    select: SelectOption = None,
+    ignore: IgnoreOption = None,
+    fail_on: FailOnOption = None,
+    output_format: Annotated[
+        ConfigFormat, typer.Option("--format", help="text (default) or json, for scripts.")
+    ] = ConfigFormat.text,
+) -> None:
+    """Print the effective configuration, where each value came from, and the rule set."""
+    with _input_errors():
+        settings = _settings(rules, builtin, overrides, select, ignore, fail_on, config,
+                             no_config)
+        _require_rules(settings.rule_paths, settings.no_builtin.value, "show")
+        rule_set = build_rule_set(settings)
+    if output_format is ConfigFormat.json:
+        typer.echo(json.dumps(describe_settings(settings, rule_set), indent=2))
+    else:
+        typer.echo(render_settings_text(settings, rule_set), nl=False)
+
+
+class ShowFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+@app.command("show")
+def show(
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="Run directory that the recorder wrote.")
+    ],
+    output_format: Annotated[
+        ShowFormat, typer.Option("--format", help="text (default) or json, for scripts.")
+    ] = ShowFormat.text,
+) -> None:
+    """Describe a run: metadata, segments, ranks, steps, tables and their signals, events."""
+    with _input_errors():
+        text = show_run(run_dir, as_json=output_format is ShowFormat.json)
+    typer.echo(text, nl=False)
+
+
+@app.command("query")
+def query(
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR", help="Run directory that the recorder wrote.")
+    ],
+    sql: Annotated[
+        str, typer.Argument(metavar="SQL", help="One SELECT over the run's views, such as "
+                            "\"SELECT step, loss FROM scalars\".")
+    ],
+    limit: Annotated[
+        int, typer.Option("--limit", metavar="N", min=1, help="Print at most N rows.")
+    ] = DEFAULT_QUERY_LIMIT,
+    csv_path: Annotated[
+        Optional[Path],
+        typer.Option("--csv", metavar="FILE", help="Write every row to FILE as CSV."),
+    ] = None,
+    parquet_path: Annotated[
+        Optional[Path],
+        typer.Option("--parquet", metavar="FILE", help="Write every row to FILE as Parquet."),
+    ] = None,
+) -> None:
+    """Run one SELECT on a run's views, in the rules' sandbox, and print or write the rows."""
+    with _input_errors():
+        text = query_run(run_dir, sql, limit=limit, csv_path=csv_path,
+                         parquet_path=parquet_path)
+    typer.echo(text, nl=False)
+
+
+class CompareFormat(str, Enum):
+    text = "text"
+    json = "json"
+    html = "html"
+
+
+@app.command("compare")
+def compare(
+    base_run: Annotated[
+        Path, typer.Argument(metavar="BASE_RUN", help="Run directory to compare against.")
+    ],
+    new_run: Annotated[
+        Path, typer.Argument(metavar="NEW_RUN", help="Run directory whose changes to report.")
+    ],
+    rules: RulesOption = None,
+    builtin: BuiltinOption = None,
+    overrides: OverridesOption = None,
+    select: SelectOption = None,
+    ignore: IgnoreOption = None,
+    config: ConfigOption = None,
+    no_config: NoConfigOption = False,
+    report_format: Annotated[
+        CompareFormat,
+        typer.Option("--format", help="text, json, or html with charts (needs matplotlib)."),
+    ] = CompareFormat.text,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write the comparison to this file, not stdout."),
+    ] = None,
+    fail_on_new: Annotated[
+        FailOn,
+        typer.Option(
+            "--fail-on-new",
+            help="Exit 1 when a finding that only the new run has is of this severity or "
+            "a higher one.",
+        ),
+    ] = FailOn.never,
+) -> None:
+    """Compare two runs: metrics, new, gone and unchanged findings, and trajectories."""
+    from runlens.compare import compare_runs, render_comparison
+
+    with _input_errors():
+        settings = _settings(rules, builtin, overrides, select, ignore, None, config,
+                             no_config)
+        _require_rules(settings.rule_paths, settings.no_builtin.value, "evaluate")
+        if output is not None:
+            _check_output_outside_run(output, base_run)
+            _check_output_outside_run(output, new_run)
+        loaded = build_rule_set(settings).rules
+        with Run.open(base_run) as base, Run.open(new_run) as new:
+            comparison = compare_runs(base, new, loaded)
+        text = render_comparison(comparison, report_format.value, fail_on_new.value)
+        _write_report(text, output)
+
+    _print_errors(comparison.errored)
+    raise typer.Exit(comparison.exit_code(fail_on_new.value))
 
 
 def main() -> None:

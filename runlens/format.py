@@ -146,6 +146,13 @@ TABLES: dict[str, dict[str, str]] = {
         "group": "string",
         "examples": "int64",
     },
+    "trajectory": {
+        "step": "int64",
+        "segment": "int32",
+        "rank": "int32",
+        "x": "float64",
+        "y": "float64",
+    },
     "events": {
         "step": "int64",
         "segment": "int32",

@@ -18,6 +18,18 @@ def check_step_count(name: str, value: Any) -> int:
                           "Pass a number of steps, such as 100.")
 
 
+def check_optional_step_count(name: str, value: Any) -> int | None:
+    """Return `value` as an int, or None, or raise unless it is a positive integer or None."""
+    if value is None:
+        return None
+    return _check_integer(name, value, 1, "a positive integer or None",
+                          "Pass a number of steps, such as 100, or None to turn it off.")
+
+
+def check_seed(name: str, value: Any) -> int:
+    return _check_integer(name, value, 0, "a non-negative integer", "Pass a seed such as 0.")
+
+
 def check_rank(value: Any) -> int | None:
     if value is None:
         return None

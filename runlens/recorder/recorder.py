@@ -30,6 +30,7 @@ from runlens.recorder.clipping_probe import ClippingProbe
 from runlens.recorder.optimizer_probe import OptimizerProbe
 from runlens.recorder.scaler_probe import ScalerProbe
 from runlens.recorder.task_probe import TaskProbe
+from runlens.recorder.trajectory import TrajectoryProbe, projected_params
 from runlens.recorder.writer import PartWriter
 
 logger = logging.getLogger("runlens.record")
@@ -58,6 +59,11 @@ class Recorder:
             and the output layer (the last leaf module with parameters).
         param_stats_every: steps between per-parameter statistics (default 100).
         task_probe_every: steps between task-gradient probes (default 100).
+        trajectory_every: steps between points of the `trajectory` table, the parameters
+            projected onto two fixed random directions (default None: off; needs
+            `model`). A point is also taken on each segment's first step.
+        trajectory_seed: the seed of those random directions (default 0, a non-negative
+            integer). Runs overlay in `runlens compare` only with equal seeds.
         flush_every: steps between writes of part files (default 500).
         flush_seconds: seconds between writes, whichever comes first (default 10, a
             positive finite number). A killed run loses at most the rows since the last
@@ -85,6 +91,7 @@ class Recorder:
                  watch_activations: bool = True,
                  watch_modules: Iterable[torch.nn.Module] | None = None,
                  param_stats_every: int = 100, task_probe_every: int = 100,
+                 trajectory_every: int | None = None, trajectory_seed: int = 0,
                  flush_every: int = 500, flush_seconds: float = 10.0,
                  step: int | None = None, strict: bool = False,
                  rank: int | None = None, clock: Callable[[], float] = time.time) -> None:
@@ -97,6 +104,10 @@ class Recorder:
                                                             param_stats_every)
         self.task_probe_every = arguments.check_step_count("task_probe_every",
                                                            task_probe_every)
+        self.trajectory_every = arguments.check_optional_step_count("trajectory_every",
+                                                                    trajectory_every)
+        self.trajectory_seed = arguments.check_seed("trajectory_seed", trajectory_seed)
+        trajectory_params = projected_params(model, self.trajectory_every)
         self.flush_every = arguments.check_step_count("flush_every", flush_every)
         self.flush_seconds = arguments.check_flush_seconds(flush_seconds)
         rank = arguments.check_rank(rank)
@@ -119,6 +130,12 @@ class Recorder:
         self._batch = batches.BatchAccumulator()
         self._warned_device_groups = False
 
+        self._trajectory = None
+        if trajectory_params:
+            self._trajectory = TrajectoryProbe(trajectory_params, self.trajectory_seed,
+                                               self._is_trajectory_step,
+                                               lambda: self.step_index,
+                                               self._add_probe_row, self._report_error)
         params, names = model_info.describe_params(model)
         if optimizer is not None:
             names = model_info.param_names_for(optimizer, names)
@@ -126,6 +143,9 @@ class Recorder:
             model, optimizer, scheduler, scaler, config_values, params, names, step)
         self._writer = PartWriter(self.run_dir, self.rank, self.segment)
         self._install_probes(model, optimizer, scheduler, scaler, shared_params, names)
+        self._segment_first_step = self.step_index
+        if self._trajectory is not None and optimizer is not None:
+            self._trajectory.watch_optimizer(optimizer)
         self._activations = None
         if watched.activations or watched.batchnorms:
             self._activations = ActivationProbe(model, watched, self._is_stats_step,
@@ -164,6 +184,9 @@ class Recorder:
                 "config": model_info.json_value(config),
                 "settings": {"param_stats_every": self.param_stats_every,
                              "task_probe_every": self.task_probe_every,
+                             "trajectory_every": self.trajectory_every,
+                             "trajectory_seed": self.trajectory_seed,
+                             "trajectory_projection": self._trajectory_definition(),
                              "flush_every": self.flush_every,
                              "flush_seconds": self.flush_seconds},
                 "segments": [],
@@ -176,6 +199,7 @@ class Recorder:
             "started": started,
             "argv": list(sys.argv),
             "optimizer": model_info.describe_optimizer(optimizer, names),
+            "trajectory_projection": self._trajectory_definition(),
         })
         if self.rank == 0:
             _write_json_atomically(run_file, meta)
@@ -289,6 +313,11 @@ class Recorder:
                 and self._tasks_probed_at != step and "task probe" not in self._disabled:
             self._probe_tasks_now(losses, loss_weights)
 
+        # a trajectory point that the optimizer's pre-hook did not take (no optimizer, or
+        # a step that GradScaler skipped)
+        if self._trajectory is not None:
+            self._trajectory.take_if_due()
+
         # hand full buffers to the writer
         self.step_index += 1
         self._steps_since_flush += 1
@@ -364,6 +393,14 @@ class Recorder:
 
     def _is_task_probe_step(self) -> bool:
         return self.step_index % self.task_probe_every == 0
+
+    def _is_trajectory_step(self) -> bool:
+        return (self.trajectory_every is not None
+                and (self.step_index % self.trajectory_every == 0
+                     or self.step_index == self._segment_first_step))
+
+    def _trajectory_definition(self) -> dict[str, Any] | None:
+        return None if self._trajectory is None else self._trajectory.definition()
 
     def probe_tasks(self, losses: Mapping[str, torch.Tensor],
                     loss_weights: Mapping[str, float] | None = None) -> None:
@@ -559,10 +596,11 @@ class Recorder:
 
         The first call for a split writes a `dataset` event; a later call whose description
         differs from the split's last one writes a `dataset_change` event, which rules use
-        to explain loss spikes and metric shifts. Values must be JSON-friendly (str,
-        numbers, lists, dicts); other values are stored as their `repr`.
+        to explain loss spikes and metric shifts. Values are stored as JSON: str, numbers,
+        lists and dicts as they are, numpy values and tensors by value (reading a CUDA
+        tensor synchronizes), and other values as their `repr`.
         """
-        self._guard("events", self._log_dataset, split, description)
+        self._guard("dataset logging", self._log_dataset, split, description)
 
     def _log_dataset(self, split, description) -> None:
         if not isinstance(split, str) or not split:
@@ -637,6 +675,7 @@ class Recorder:
     def _remove_probes(self) -> None:
         for remove in (self._optimizer.remove if self._optimizer else None,
                        self._activations.remove if self._activations else None,
+                       self._trajectory.remove if self._trajectory else None,
                        self._clipping.remove, self._checkpoints.remove):
             if remove is not None:
                 try:
