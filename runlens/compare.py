@@ -30,9 +30,15 @@ from runlens.reports import common
 
 STATUSES = ("new", "gone", "unchanged")
 
-# Evidence columns with integer values that name a thing (a rank, a class), and so
-# belong to a finding's identity. Every string evidence value belongs to it too.
-IDENTITY_INTEGER_COLUMNS = ("rank", "class_id", "group", "segment")
+# Evidence columns that name what a finding is about (a rank, a parameter, a task, a
+# class, a kind of failure), and so make up its identity. Other columns are measurements
+# or descriptions with numbers in them, which change between runs of the same fault.
+IDENTITY_COLUMNS = frozenset({
+    "rank", "segment", "class_id", "group", "param", "module", "module_type", "task",
+    "other_task", "dominant_task", "weaker_task", "regressed_task", "improved_task",
+    "split", "rare_split", "train_split_name", "metric", "metric_name", "signal", "kind",
+    "what", "direction", "optimizer_class",
+})
 
 # Metric names whose words include one of these are maximized, and all others minimized,
 # unless a word names an error or a loss ("top5_error" is minimized).
@@ -451,16 +457,12 @@ def downsample(series: Series, max_points: int = MAX_CURVE_POINTS) -> Series:
 def finding_identity(finding: Finding) -> dict[str, Any]:
     """Return the evidence values that name what a finding is about.
 
-    These are the string values and the integer values of the columns in
-    IDENTITY_INTEGER_COLUMNS. Step ranges and measurements are left out, so a finding
-    whose steps or numbers moved is still the same finding.
+    These are the values of the columns in IDENTITY_COLUMNS. Step ranges, measurements
+    and descriptive text are left out, so a finding whose steps or numbers moved is
+    still the same finding.
     """
-    identity = {}
-    for name, value in finding.evidence.items():
-        is_integer = isinstance(value, int) and not isinstance(value, bool)
-        if isinstance(value, str) or (is_integer and name in IDENTITY_INTEGER_COLUMNS):
-            identity[name] = value
-    return identity
+    return {name: value for name, value in finding.evidence.items()
+            if name in IDENTITY_COLUMNS}
 
 
 def match_findings(base: Report, new: Report) -> list[FindingChange]:

@@ -9,6 +9,8 @@ blocked in the sandbox.
 
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 from typing import Any
@@ -92,7 +94,18 @@ def check_output_path(path: Path, run_dir: Path, option: str) -> None:
 
 
 def write_csv(table: pa.Table, path: Path) -> None:
-    _write(lambda: pa_csv.write_csv(table, str(path)), path, "--csv")
+    """Write `table` as CSV, with list, struct and map values as JSON text."""
+    _write(lambda: pa_csv.write_csv(_flat_for_csv(table), str(path)), path, "--csv")
+
+
+def _flat_for_csv(table: pa.Table) -> pa.Table:
+    columns = []
+    for column in table.columns:
+        if pa.types.is_nested(column.type):
+            column = pa.array([None if value is None else json.dumps(value, default=str)
+                               for value in column.to_pylist()], type=pa.string())
+        columns.append(column)
+    return pa.table(columns, names=table.column_names)
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
@@ -179,5 +192,10 @@ def query_run(run_dir: Path, sql: str, *, limit: int = DEFAULT_LIMIT,
     lines = []
     for option, path, write in targets:
         write(table, path)
-        lines.append(f"Wrote {table.num_rows} rows and {table.num_columns} columns to {path}")
+        lines.append(f"Wrote {_count(table.num_rows, 'row')} and "
+                     f"{_count(table.num_columns, 'column')} to {path}")
     return "\n".join(lines) + "\n"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

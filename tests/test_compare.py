@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,23 @@ def test_finding_identity_names_things():
         "recall": 0.1, "steps": 400, "support": 12, "passed": True, "module": "fc"})
     assert finding_identity(finding) == {"rank": 0, "class_id": 3, "split": "val",
                                          "group": 2, "segment": 1, "module": "fc"}
+
+
+def test_finding_identity_leaves_out_descriptions():
+    finding = _finding("divergence", 5, {
+        "rank": 0, "outcome": "the final median loss 1.412 is 4.1x the best"})
+    assert finding_identity(finding) == {"rank": 0}
+
+
+def test_truncated_run_keeps_its_finding_unchanged(tmp_path):
+    shortened = tmp_path / "divergence"
+    shutil.copytree(SAMPLE_RUNS / "divergence", shortened)
+    for table in shortened.iterdir():
+        parts = sorted(table.glob("rank-*/part-*.parquet"))
+        if len(parts) > 1:
+            parts[-1].unlink()
+    result = invoke(SAMPLE_RUNS / "divergence", shortened, "--fail-on-new", "error")
+    assert result.exit_code == 0, result.output
 
 
 def test_findings_match_despite_moved_steps():

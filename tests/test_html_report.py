@@ -212,6 +212,21 @@ def test_downsampling_keeps_single_step_spike(tmp_path: Path) -> None:
     assert len(grad) <= 2 * TARGET_BUCKETS
 
 
+def test_resume_from_earlier_step_draws_last_segment(tmp_path: Path) -> None:
+    # Segment 0 ran steps 0-299 at loss 5; a resume went back to step 150 and ran
+    # steps 150-249 at loss 1. Steps 150-249 must be drawn from the resume only.
+    first = steady_scalars(300, loss=[5.0] * 300)
+    resumed = steady_scalars(100, step=list(range(150, 250)), segment=[1] * 100,
+                             loss=[1.0] * 100)
+    run_dir = write_run(tmp_path / "back", {"scalars": [first, resumed]})
+    with Run.open(run_dir) as run:
+        charts = {chart.name: chart for chart in build_charts(run, evaluate(run, []))}
+    steps = charts["loss"].series_steps("loss")
+    values = charts["loss"].series_values("loss")
+    resumed_values = {value for step, value in zip(steps, values) if 150 <= step < 250}
+    assert resumed_values == {1.0}
+
+
 def test_short_run_drawn_at_every_step(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path / "short", {"scalars": steady_scalars(300)})
     with Run.open(run_dir) as run:

@@ -38,6 +38,14 @@ def test_load_docs_defaults_to_rule_page(tmp_path: Path) -> None:
     assert rule.references == ()
 
 
+@pytest.mark.parametrize("docs", ["javascript:alert(1)", "data:text/html,x",
+                                  "https://example.org/page", "/etc/passwd", "../up.md"])
+def test_load_docs_must_be_relative_path(tmp_path: Path, docs: str) -> None:
+    path = write_rule(tmp_path, make_rule(docs=docs))
+    with pytest.raises(RuleFileError, match=r"field 'docs'"):
+        load_rule_file(path)
+
+
 def test_load_invalid_yaml(tmp_path: Path) -> None:
     path = write_rule(tmp_path, "id: foo\ntitle: [unclosed\n", name="broken.yaml")
     with pytest.raises(RuleFileError, match=r"broken\.yaml: invalid YAML: .* at line \d+ column"):

@@ -190,6 +190,15 @@ def test_query_csv_reads_back(healthy_run: Path, tmp_path: Path) -> None:
     assert table.column("loss").to_pylist()[:2] == [2.0, 1.99]
 
 
+def test_query_csv_writes_lists_as_json(healthy_run: Path, tmp_path: Path) -> None:
+    output = tmp_path / "params.csv"
+    result = invoke("query", healthy_run, "SELECT name, shape FROM run_params ORDER BY name",
+                    "--csv", output)
+    assert result.exit_code == 0, result.output
+    rows = pa_csv.read_csv(output).to_pylist()
+    assert rows[0] == {"name": "encoder.bias", "shape": "[16]"}
+
+
 @pytest.mark.parametrize("option", ["--csv", "--parquet"])
 def test_query_output_inside_run_rejected(healthy_run: Path, option: str) -> None:
     before = tree_digest(healthy_run)

@@ -116,10 +116,17 @@ class Chart:
 
     def series_values(self, gid: str) -> np.ndarray:
         """Return the y values drawn for the line with this gid, such as ``"loss"``."""
+        return np.asarray(self._line(gid).get_ydata(), dtype=float)
+
+    def series_steps(self, gid: str) -> np.ndarray:
+        """Return the steps (x values) drawn for the line with this gid."""
+        return np.asarray(self._line(gid).get_xdata(), dtype=float)
+
+    def _line(self, gid: str) -> Any:
         for axes in self.figure.axes:
             for line in axes.get_lines():
                 if line.get_gid() == gid:
-                    return np.asarray(line.get_ydata(), dtype=float)
+                    return line
         raise KeyError(f"chart '{self.name}' has no line with gid {gid!r}")
 
 
@@ -152,6 +159,17 @@ class _Context:
     last_step: int
     bucket_width: int
     resumes: list[tuple[int, int]] = field(default_factory=list)
+    # True when a resume restarted from an earlier step, so some steps were recorded by
+    # two segments. Charts then draw each step from its last segment, the one that
+    # continued training, as `runlens compare` does.
+    overlapping_segments: bool = False
+
+    def source(self, table: str) -> str:
+        """Return SQL for `table`'s rows, each step from its last segment only."""
+        if not self.overlapping_segments:
+            return table
+        return (f"(SELECT * FROM {table} "
+                f"QUALIFY segment = max(segment) OVER (PARTITION BY rank, step))")
 
     def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
@@ -174,7 +192,7 @@ class _Context:
         sql = f"""
             WITH source AS (
                 SELECT {", ".join(["step", *keys])}, CAST({value_sql} AS DOUBLE) AS v
-                FROM {table} WHERE {where}
+                FROM {self.source(table)} WHERE {where}
             )
             SELECT {", ".join([*key_names, "(step - ?) // ? AS bucket"])},
                    arg_min(step, v), min(v), arg_max(step, v), max(v)
@@ -198,7 +216,7 @@ class _Context:
     def marked_steps(self, table: str, condition: str) -> tuple[np.ndarray, int]:
         """Return one step per bucket where `condition` holds, and the number of such steps."""
         sql = f"""
-            SELECT min(step), count(DISTINCT step) FROM {table}
+            SELECT min(step), count(DISTINCT step) FROM {self.source(table)}
             WHERE {condition}
             GROUP BY (step - ?) // ?
             ORDER BY 1
@@ -244,6 +262,9 @@ def _make_context(run: "Run", report: Report) -> _Context:
     last = report.run.last_step if report.run.last_step is not None else first
     width = max(1, math.ceil((last - first + 1) / TARGET_BUCKETS))
     context = _Context(run.connection, run, first, last, width)
+    context.overlapping_segments = bool(context.fetch(
+        "SELECT 1 FROM scalars GROUP BY rank, step HAVING count(DISTINCT segment) > 1 "
+        "LIMIT 1"))
     context.resumes = [
         (int(segment), int(step))
         for segment, step in context.fetch(
@@ -417,7 +438,7 @@ def _lr_chart(context: _Context) -> Optional[_Draft]:
         WITH deltas AS (
             SELECT rank, "group", step, lr - lag(lr) OVER g AS delta,
                    max(lr) OVER (PARTITION BY rank, "group") AS peak
-            FROM param_groups WHERE isfinite(lr)
+            FROM {context.source("param_groups")} WHERE isfinite(lr)
             WINDOW g AS (PARTITION BY rank, "group" ORDER BY step)
         ),
         jumps AS (

@@ -76,8 +76,9 @@ def gate_line(report: Report, fail_on: str) -> str:
     if fail_on == "never":
         return f"Exit {exit_code}: --fail-on never, so findings do not fail the run."
     if report.expired_waivers:
-        return (f"Exit {exit_code}: {plural(len(report.expired_waivers), 'waiver')} expired; "
-                "renew or remove it in the configuration.")
+        expired = len(report.expired_waivers)
+        return (f"Exit {exit_code}: {plural(expired, 'waiver')} expired; renew or remove "
+                f"{'it' if expired == 1 else 'them'} in the configuration.")
     gating = SEVERITIES[: SEVERITIES.index(fail_on) + 1]
     count = sum(1 for finding in report.findings if finding.severity in gating)
     return (
