@@ -44,6 +44,11 @@ TABLES: dict[str, dict[str, str]] = {
         "micro_batches": "int64",
         "batch_groups": "int64",
         "batch_largest_group": "int64",
+        # Host timings, recorded under torch.distributed or with a `timer=`, so that a
+        # rank that loads or computes slowly shows although DDP makes steps end together.
+        "step_time": "float64",
+        "data_time": "float64",
+        "compute_time": "float64",
     },
     "param_groups": {
         "step": "int64",
@@ -78,6 +83,9 @@ TABLES: dict[str, dict[str, str]] = {
         "requires_grad": "bool",
         "numel": "int64",
         "grad_zero_fraction": "float64",
+        # True for a parameter split across ranks (FSDP2), whose norms are of this rank's
+        # shard; null for a parameter that each rank holds whole.
+        "sharded": "bool",
     },
     "tasks": {
         "step": "int64",

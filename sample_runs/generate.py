@@ -979,6 +979,117 @@ def healthy_task_reweight(run_dir: Path, seed: int = 46) -> None:
     _train_reweighted_tasks(run_dir, seed, width=16, weights=weights, scenario="healthy")
 
 
+# -- distributed scenarios ----------------------------------------------------------------
+# Each forks two ranks that join a gloo process group on 127.0.0.1. Forking, unlike
+# spawning, needs no importable module, so it also works from a test that loaded this
+# file by path.
+
+def rank_desync(run_dir: Path, seed: int = 60) -> None:
+    """Train with DDP on 2 ranks, where rank 1 re-initializes a hidden layer after the wrap.
+
+    DDP broadcasts rank 0's parameters only when it wraps the model, and then all-reduces
+    the gradients, so both ranks apply the same updates to different weights of that
+    layer for the whole run.
+    """
+    import datetime
+    import socket
+
+    import torch._dynamo  # noqa: F401 - DDP imports it; the forked ranks then share it
+    import torch.distributed as dist
+
+    def train_rank(rank: int, port: int) -> None:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=2, timeout=datetime.timedelta(seconds=60))
+        try:
+            data = Blobs(4, _seed(seed))
+            data.generator = torch.Generator().manual_seed(1000 * seed + rank)
+            model = nn.parallel.DistributedDataParallel(_classifier(4))
+            if rank == 1:
+                torch.manual_seed(seed + 1)
+                model.module[3].reset_parameters()
+            optimizer = _adamw(model, lr=3e-3)
+            with runlens.record(run_dir, model=model, optimizer=optimizer,
+                                config={"scenario": "rank-desync"}, timer=FakeClock(0.0),
+                                **_options()) as rec:
+                for _ in range(100):
+                    inputs, labels = data.sample(64)
+                    loss = F.cross_entropy(model(inputs), labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    rec.step(loss)
+        finally:
+            dist.destroy_process_group()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(train_rank, args=(port,), nprocs=2,
+                                          start_method="fork")
+
+
+def straggler_rank(run_dir: Path, seed: int = 61) -> None:
+    """Train with DDP on 2 ranks, where rank 1 sleeps 30 ms before each forward call, as a
+    slow data loader would, while rank 0 waits for it in the gradient all-reduce."""
+    _train_two_timed_ranks(run_dir, seed, scenario="straggler-rank", rank_1_sleep=0.03)
+
+
+def healthy_ddp(run_dir: Path, seed: int = 62) -> None:
+    """Train with DDP on 2 ranks that load their batches equally fast."""
+    _train_two_timed_ranks(run_dir, seed, scenario="healthy", rank_1_sleep=0.0)
+
+
+def _train_two_timed_ranks(run_dir: Path, seed: int, *, scenario: str,
+                           rank_1_sleep: float) -> None:
+    """Train a classifier with DDP on 2 gloo ranks, rank 1 sleeping before each forward.
+
+    The timings come from a fake timer, so that they reproduce: it advances 1 ms per
+    reading, and on rank 1 also by the time of each sleep.
+    """
+    import datetime
+    import socket
+    import time
+
+    import torch._dynamo  # noqa: F401 - DDP imports it; the forked ranks then share it
+    import torch.distributed as dist
+
+    def train_rank(rank: int, port: int) -> None:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=2, timeout=datetime.timedelta(seconds=60))
+        readings = itertools.count()
+        slept = 0.0
+
+        def timer() -> float:
+            return 0.001 * next(readings) + slept
+
+        try:
+            data = Blobs(4, _seed(seed))
+            data.generator = torch.Generator().manual_seed(1000 * seed + rank)
+            model = nn.parallel.DistributedDataParallel(_classifier(4))
+            optimizer = _adamw(model, lr=3e-3)
+            with runlens.record(run_dir, model=model, optimizer=optimizer,
+                                config={"scenario": scenario}, timer=timer,
+                                **_options()) as rec:
+                for _ in range(150):
+                    if rank == 1 and rank_1_sleep:
+                        time.sleep(rank_1_sleep)
+                        slept += rank_1_sleep
+                    inputs, labels = data.sample(64)
+                    loss = F.cross_entropy(model(inputs), labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    rec.step(loss)
+        finally:
+            dist.destroy_process_group()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(train_rank, args=(port,), nprocs=2,
+                                          start_method="fork")
+
+
 SCENARIOS: dict[str, Callable[[Path], None]] = {
     "clipping-every-step": clipping_every_step,
     "rare-class-collapse": rare_class_collapse,
@@ -1012,6 +1123,8 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "negative-transfer": negative_transfer,
     "logit-explosion": logit_explosion,
     "missing-warmup": missing_warmup,
+    "rank-desync": rank_desync,
+    "straggler-rank": straggler_rank,
     "healthy-adamw-warmup-cosine": healthy_adamw_warmup_cosine,
     "healthy-sgd-step-decay": healthy_sgd_step_decay,
     "healthy-resume": healthy_resume,
@@ -1024,6 +1137,7 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "healthy-bf16-autocast": healthy_bf16_autocast,
     "healthy-gradual-unfreeze": healthy_gradual_unfreeze,
     "healthy-task-reweight": healthy_task_reweight,
+    "healthy-ddp": healthy_ddp,
 }
 
 

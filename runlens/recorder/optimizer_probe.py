@@ -10,6 +10,11 @@ from typing import Any
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed support has no DTensor
+    DTensor = None
+
 _STATE_NORM_KEYS = {
     "exp_avg": "exp_avg_norm",
     "exp_avg_sq": "exp_avg_sq_norm",
@@ -17,9 +22,32 @@ _STATE_NORM_KEYS = {
 }
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Return this rank's part of a DTensor (FSDP2's `fully_shard`), or a plain tensor as is.
+
+    A norm of a DTensor is itself a DTensor, which the writer cannot convert without a
+    collective, so statistics are computed from the local part, with no communication.
+    """
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return tensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Return whether `tensor` is a DTensor split across ranks (a `Shard` placement).
+
+    NOTE: the shards of the older FullyShardedDataParallel wrapper (FSDP1) are plain
+    tensors (FlatParameter), so they count as whole. FSDP1 raises an error on a machine
+    without an accelerator (torch 2.13.0), so that case is untested.
+    """
+    if DTensor is None or not isinstance(tensor, DTensor):
+        return False
+    return any(placement.is_shard() for placement in tensor.placements)
+
+
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Return the 2-norm of each tensor as one float32 vector."""
-    norms = torch._foreach_norm(tensors)
+    """Return the 2-norm of each tensor, of its local part for a DTensor, as a float32 vector."""
+    norms = torch._foreach_norm([local_tensor(tensor) for tensor in tensors])
     if all(norm.dtype == torch.float32 for norm in norms):
         return torch.stack(norms)
     return torch.stack([norm.float() for norm in norms])
@@ -94,17 +122,18 @@ class OptimizerProbe:
             self._param_rows = [
                 {"param": self.names.get(id(p), "?"), "grad_norm": norm,
                  "requires_grad": p.requires_grad, "numel": p.numel(),
-                 "grad_zero_fraction": _zero_fraction(p.grad)}
+                 "grad_zero_fraction": _zero_fraction(local_tensor(p.grad)),
+                 "sharded": True if is_sharded(p) else None}
                 for p, norm in zip(params, grad_norms.unbind())]
             # NOTE: the update norm needs the parameters before the step, so a stats step
             # keeps one temporary copy of the trained parameters on their device.
-            self._before = [param.detach().clone() for param in params]
+            self._before = [local_tensor(param).detach().clone() for param in params]
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._before is None:
             return
         params = self._stats_params
-        current = [param.detach() for param in params]
+        current = [local_tensor(param).detach() for param in params]
         param_norms = _norms(current)
         update_norms = _norms(torch._foreach_sub(current, self._before))
         self._before = None
@@ -170,12 +199,12 @@ def state_statistics(state: dict[str, Any], param: torch.Tensor) -> dict[str, An
     for key, column in _STATE_NORM_KEYS.items():
         value = state.get(key)
         if isinstance(value, torch.Tensor):
-            row[column] = torch.linalg.vector_norm(value.detach().float())
+            row[column] = torch.linalg.vector_norm(local_tensor(value).detach().float())
             matches = matches and value.shape == param.shape
     step = state.get("step")
     if isinstance(step, torch.Tensor):
         # The optimizer increments this tensor in place, so the probe keeps a copy.
-        row["state_step"] = step.detach().float().reshape(()).clone()
+        row["state_step"] = local_tensor(step).detach().float().reshape(()).clone()
     elif isinstance(step, (int, float)):
         row["state_step"] = float(step)
     if len(row):

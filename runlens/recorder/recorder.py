@@ -11,7 +11,7 @@ import platform
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -27,9 +27,10 @@ from runlens.recorder.activation_probe import ActivationProbe
 from runlens.recorder.buffers import TableBuffer
 from runlens.recorder.checkpoint_probe import CheckpointProbe
 from runlens.recorder.clipping_probe import ClippingProbe
-from runlens.recorder.optimizer_probe import OptimizerProbe
+from runlens.recorder.optimizer_probe import OptimizerProbe, local_tensor
 from runlens.recorder.scaler_probe import ScalerProbe
 from runlens.recorder.task_probe import TaskProbe
+from runlens.recorder.timing import TimingProbe
 from runlens.recorder.trajectory import TrajectoryProbe, projected_params
 from runlens.recorder.writer import PartWriter
 
@@ -75,6 +76,9 @@ class Recorder:
             `log_eval`, `log_classes`, `log_batch` or `log_split_groups` are dropped
             with a warning in both modes.
         rank: this process's rank. Defaults to `torch.distributed`'s rank, or 0.
+        timer: the source of the `step_time`, `data_time` and `compute_time` columns, in
+            seconds. These columns are recorded when a timer is given, and with
+            `time.perf_counter` when a process group of more than one rank is initialized.
 
     Raises:
         TypeError, ValueError: an argument is invalid, or run_dir contains a run.json that
@@ -94,7 +98,8 @@ class Recorder:
                  trajectory_every: int | None = None, trajectory_seed: int = 0,
                  flush_every: int = 500, flush_seconds: float = 10.0,
                  step: int | None = None, strict: bool = False,
-                 rank: int | None = None, clock: Callable[[], float] = time.time) -> None:
+                 rank: int | None = None, clock: Callable[[], float] = time.time,
+                 timer: Callable[[], float] | None = None) -> None:
         # Every argument is checked before the run directory or any hook is touched.
         self.run_dir = Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -112,6 +117,9 @@ class Recorder:
         self.flush_seconds = arguments.check_flush_seconds(flush_seconds)
         rank = arguments.check_rank(rank)
         step = arguments.check_first_step(step)
+        if timer is not None and not callable(timer):
+            raise TypeError(f"timer must be a callable that returns seconds, got {timer!r}. "
+                            "Pass a function such as time.perf_counter, or None.")
         config_values = arguments.config_dict(config)
         watched = activation_probe.select_modules(model, watch_activations, watch_modules)
         self.strict = strict
@@ -151,6 +159,11 @@ class Recorder:
             self._activations = ActivationProbe(model, watched, self._is_stats_step,
                                                 lambda: self.step_index,
                                                 self._add_probe_row, self._report_error)
+        self._timing = None
+        if timer is not None or _world_size() > 1:
+            trained = [param for _, param in _watched_params(model, optimizer, names)]
+            self._timing = TimingProbe(model, trained, timer or time.perf_counter,
+                                       self._report_error)
         self.event(run_format.EVENT_SEGMENT_START, segment=self.segment)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -201,8 +214,14 @@ class Recorder:
             "optimizer": model_info.describe_optimizer(optimizer, names),
             "trajectory_projection": self._trajectory_definition(),
         })
+        process_group = _describe_process_group()
+        if process_group is not None:
+            meta["segments"][-1]["distributed"] = process_group
         if self.rank == 0:
             _write_json_atomically(run_file, meta)
+        if process_group is not None:
+            segment, first_step = _share_segment(self.run_dir, self.rank, segment,
+                                                 first_step, step)
         return segment, first_step
 
     def _install_probes(self, model, optimizer, scheduler, scaler, shared_params, names):
@@ -276,6 +295,8 @@ class Recorder:
 
         # optimizer, clipping and AMP values of this step
         row: dict[str, Any] = {**keys, "time": self._clock()}
+        if self._timing is not None and not self._timing.disabled:
+            row.update(self._timing.take())
         param_rows: list[dict[str, Any]] = []
         if self._optimizer is not None and "optimizer probe" not in self._disabled:
             row["step_skipped"] = not self._optimizer.stepped
@@ -283,7 +304,10 @@ class Recorder:
             row.update(optimizer_values)
             for group_row in self._optimizer.group_rows():
                 self._buffers["param_groups"].add_row({**keys, **group_row})
-        row.update(self._clipping.take())
+        # Under FSDP2, clip_grad_norm_ returns a replicated DTensor, which the writer
+        # cannot convert to numpy, so its local copy, the whole norm, is recorded.
+        row.update({column: local_tensor(value) if isinstance(value, torch.Tensor) else value
+                    for column, value in self._clipping.take().items()})
         if self._scaler is not None:
             row.update(self._scaler.take())
         row.update(self._take_batch_columns())
@@ -676,6 +700,7 @@ class Recorder:
         for remove in (self._optimizer.remove if self._optimizer else None,
                        self._activations.remove if self._activations else None,
                        self._trajectory.remove if self._trajectory else None,
+                       self._timing.remove if self._timing else None,
                        self._clipping.remove, self._checkpoints.remove):
             if remove is not None:
                 try:
@@ -733,6 +758,53 @@ def _world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
+
+
+def _describe_process_group() -> dict[str, Any] | None:
+    """Return the default process group's backend and world size, or None without one."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    return {"backend": str(torch.distributed.get_backend()),
+            "world_size": torch.distributed.get_world_size()}
+
+
+# NOTE: an estimate. Ranks open the recorder within seconds of each other, after the
+# set-up collectives of DDP or FSDP. A rank that waits longer for rank 0 goes on with
+# its own segment number, with a warning.
+RANK_ZERO_WAIT_SECONDS = 60.0
+
+# Openings of each run directory name in this process, which name the store keys.
+_openings: dict[str, int] = {}
+
+
+def _share_segment(run_dir: Path, rank: int, segment: int, first_step: int,
+                   step: int | None) -> tuple[int, int]:
+    """Return rank 0's segment number and first step for this opening, on every rank.
+
+    Ranks open the run directory at slightly different times, and a rank that reads
+    run.json after rank 0 appended this opening's segment record would number its
+    segment one higher. So rank 0 publishes its numbers in the key-value store that
+    `init_process_group` set up, and the other ranks wait for them there. A store lookup
+    is no collective: a rank that does not record takes no part. An explicit `step=`
+    argument is kept. The key counts the openings of the run directory's name in this
+    process, which agree across ranks that open the same runs in the same order.
+    """
+    _openings[run_dir.name] = _openings.get(run_dir.name, 0) + 1
+    key = f"runlens/{run_dir.name}/{_openings[run_dir.name]}"
+    try:
+        # NOTE: a private torch API, checked with torch 2.13.0 only, hence the fallback.
+        store = torch.distributed.distributed_c10d._get_default_store()
+        if rank == 0:
+            store.set(key, json.dumps([segment, first_step]))
+            return segment, first_step
+        store.wait([key], timedelta(seconds=RANK_ZERO_WAIT_SECONDS))
+        shared_segment, shared_first_step = json.loads(store.get(key))
+    except (AttributeError, RuntimeError, ValueError, TypeError) as error:
+        logger.warning("runlens rank %d did not get the segment number of %s from rank 0 "
+                       "(%s: %s); it records segment %d, which may differ from rank 0's.",
+                       rank, run_dir, type(error).__name__, error, segment)
+        return segment, first_step
+    return shared_segment, first_step if step is not None else shared_first_step
 
 
 def _describe_scaler(scaler: Any) -> dict[str, Any]:
