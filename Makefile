@@ -34,6 +34,7 @@ samples: $(VENV)/.dev
 benchmark: $(VENV)/.dev
 	$(BIN)/python benchmarks/analyzer_speed.py
 	$(BIN)/python benchmarks/recorder_overhead.py
+	$(BIN)/python benchmarks/many_runs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

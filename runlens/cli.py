@@ -58,6 +58,12 @@ rules_app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(rules_app, name="rules")
+import_app = typer.Typer(
+    help="Import a run that TensorBoard or a CSV logger wrote as a new run directory.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(import_app, name="import")
 
 
 class FailOn(str, Enum):
@@ -178,8 +184,13 @@ def _main_options(
 
 @app.command()
 def analyze(
-    run_dir: Annotated[
-        Path, typer.Argument(metavar="RUN_DIR", help="Run directory that the recorder wrote.")
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="RUN_DIR...",
+            help="Run directory that the recorder wrote, or a folder searched at any depth "
+            "for run directories. Several runs give one table of runs by findings.",
+        ),
     ],
     rules: RulesOption = None,
     builtin: BuiltinOption = None,
@@ -230,12 +241,30 @@ def analyze(
             help="Keep at most N findings per rule, and warn when a rule has more.",
         ),
     ] = DEFAULT_MAX_FINDINGS,
+    jobs: Annotated[
+        Optional[int],
+        typer.Option(
+            "--jobs",
+            "-j",
+            metavar="N",
+            min=1,
+            help="With several runs, analyze N runs at a time. Default: one per CPU core. "
+            "Peak memory grows with N.",
+        ),
+    ] = None,
 ) -> None:
-    """Analyze a run directory and report the failures that the rules find."""
+    """Analyze run directories and report the failures that the rules find."""
+    from runlens.many_runs import analyze_many, wants_many_runs
+
     with _input_errors():
         settings = _settings(rules, builtin, overrides, select, ignore, fail_on, config,
                              no_config)
         _require_rules(settings.rule_paths, settings.no_builtin.value, "evaluate")
+        if wants_many_runs(run_dirs):
+            raise typer.Exit(analyze_many(
+                run_dirs, settings, formats or ["text"], output, skip_corrupt=skip_corrupt,
+                rule_timeout=rule_timeout, max_findings=max_findings, jobs=jobs))
+        run_dir = run_dirs[0]
         outputs = plan_outputs(formats or ["text"], output, run_dir)
         loaded = build_rule_set(settings).rules
         gate = settings.fail_on.value
@@ -302,21 +331,38 @@ STEP_SUMMARY_VARIABLE = "GITHUB_STEP_SUMMARY"
 def _rule_progress(total: int) -> Iterator[Optional[Callable[[Rule], None]]]:
     """Show a progress bar over the rules on stderr, and yield the callback that advances it.
 
-    The bar shows only when stderr is a terminal and the CI variable is not set, so
-    that CI logs and captured output stay clean. Otherwise the callback is None.
+    The callback is None when `_terminal_progress` shows no bar.
     """
-    if "CI" in os.environ or not sys.stderr.isatty():
+    with _terminal_progress("evaluating rules", total) as advance:
+        yield None if advance is None else (lambda rule: advance(1, rule.id))
+
+
+@contextlib.contextmanager
+def _terminal_progress(label: str, total: int, *, in_bytes: bool = False
+                       ) -> Iterator[Optional[Callable[..., None]]]:
+    """Show a progress bar on stderr, and yield `advance(amount, description="")` for it.
+
+    The bar shows only when stderr is a terminal and the CI variable is unset or false
+    (empty, "0", "false" or "no"), so that CI logs and captured output stay clean.
+    Otherwise the callback is None.
+    `in_bytes` shows the amount done as a size, such as "1.2/5.0 MB", instead of a count.
+    """
+    in_ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    if in_ci or not sys.stderr.isatty():
         yield None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
+                               TextColumn)
 
     # redirect_stdout=False: the report goes to stdout after the bar, untouched by rich.
-    with Progress(TextColumn("evaluating rules"), BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn(label), BarColumn(),
+                  DownloadColumn() if in_bytes else MofNCompleteColumn(),
                   TextColumn("{task.description}"), console=Console(stderr=True),
                   transient=True, redirect_stdout=False, redirect_stderr=False) as progress:
         task = progress.add_task("", total=total)
-        yield lambda rule: progress.update(task, advance=1, description=rule.id)
+        yield lambda amount, description="": progress.update(task, advance=amount,
+                                                             description=description)
 
 
 def _append_step_summary(summary: str, path: Path, run_dir: Path) -> None:
@@ -382,11 +428,22 @@ def plan_outputs(formats: list[str], output: Optional[Path],
 
 
 def _check_output_outside_run(output: Path, run_dir: Path) -> None:
-    if output.resolve().is_relative_to(run_dir.resolve()):
+    """Reject a report file inside the run directory, or one that is a hard link to a
+    file of it, and one whose folder does not exist, before any analysis runs."""
+    inside = output.resolve().is_relative_to(run_dir.resolve())
+    if not inside and output.is_file() and output.stat().st_nlink > 1:
+        linked = (output.stat().st_dev, output.stat().st_ino)
+        inside = run_dir.is_dir() and any(
+            (file.stat().st_dev, file.stat().st_ino) == linked
+            for file in run_dir.rglob("*") if file.is_file())
+    if inside:
         raise RunlensError(
             f"report file {output}: is inside the run directory {run_dir}, which the "
             "analyzer never modifies; write the report to another folder"
         )
+    if not output.parent.is_dir():
+        raise RunlensError(f"report file {output}: folder {output.parent} does not exist; "
+                           "create it or write the report elsewhere")
 
 
 def _write_report(text: str, output: Optional[Path]) -> None:
@@ -396,7 +453,7 @@ def _write_report(text: str, output: Optional[Path]) -> None:
     try:
         output.write_text(text, encoding="utf-8")
     except OSError as error:
-        raise RunlensError(f"--output {output}: cannot write the report: {error}") from None
+        raise RunlensError(f"report file {output}: cannot write the report: {error}") from None
 
 
 @rules_app.command("list")
@@ -590,6 +647,155 @@ def compare(
 
     _print_errors(comparison.errored)
     raise typer.Exit(comparison.exit_code(fail_on_new.value))
+
+
+MapOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--map",
+        metavar="NAME=SIGNAL",
+        help="Import the tag or column NAME as SIGNAL: scalars.COLUMN, "
+        "param_groups.lr[.GROUP], param_groups.weight_decay[.GROUP], evals.SPLIT.METRIC, "
+        "classes.SPLIT.CLASS_ID.recall (or .precision), or skip. Repeatable; wins over "
+        "the default mapping.",
+    ),
+]
+NewRunDirArgument = Annotated[
+    Path,
+    typer.Argument(metavar="RUN_DIR",
+                   help="Run directory to create; it must not exist or must be empty."),
+]
+
+
+@import_app.command("tensorboard")
+def import_tensorboard(
+    logdir: Annotated[
+        Path,
+        typer.Argument(metavar="LOGDIR", help="Folder of TensorBoard event files "
+                       "(events.out.tfevents.*), read with its subfolders."),
+    ],
+    run_dir: NewRunDirArgument,
+    maps: MapOption = None,
+    run: Annotated[
+        Optional[str],
+        typer.Option("--run", metavar="NAME",
+                     help="The run to import when LOGDIR contains several: its folder, "
+                     "relative to LOGDIR."),
+    ] = None,
+) -> None:
+    """Import the scalars of a TensorBoard log as a new run directory."""
+    from runlens.importers import import_series, parse_map_options
+    from runlens.importers.tensorboard import find_event_files, read_event_files
+    from runlens.importers.writer import check_new_run_dir
+
+    with _input_errors():
+        overrides = parse_map_options(maps or [])
+        check_new_run_dir(run_dir)
+        source = find_event_files(logdir, run)
+        with _terminal_progress("reading event files", source.total_bytes,
+                                in_bytes=True) as advance:
+            series, warnings = read_event_files(source, advance)
+        _print_warnings(warnings)
+        imported_from = {
+            "kind": "tensorboard", "path": str(logdir.resolve()), "run": source.run,
+            "files": [path.relative_to(logdir).as_posix() for path, _ in source.files],
+        }
+        report = import_series(series, overrides, run_dir, imported_from,
+                               source=source.label, noun="tag")
+    typer.echo(report.render(), nl=False)
+
+
+@import_app.command("csv")
+def import_csv(
+    file: Annotated[
+        Path,
+        typer.Argument(metavar="FILE", help="A Lightning CSVLogger metrics.csv or a W&B "
+                       "history export."),
+    ],
+    run_dir: NewRunDirArgument,
+    maps: MapOption = None,
+    step_column: Annotated[
+        Optional[str],
+        typer.Option("--step-column", metavar="NAME",
+                     help="The column of the optimizer step. Default: step for a Lightning "
+                     "metrics.csv, _step for a W&B export."),
+    ] = None,
+) -> None:
+    """Import the metrics of a CSV file as a new run directory."""
+    from runlens.importers import import_series, parse_map_options
+    from runlens.importers.csv_import import open_csv, read_csv
+    from runlens.importers.writer import check_new_run_dir
+
+    with _input_errors():
+        overrides = parse_map_options(maps or [])
+        check_new_run_dir(run_dir)
+        source = open_csv(file, step_column)
+        with _terminal_progress("reading CSV", source.total_bytes, in_bytes=True) as advance:
+            series, warnings = read_csv(source, advance)
+        _print_warnings(warnings)
+        imported_from = {"kind": source.kind, "path": str(file.resolve()),
+                         "step_column": source.step_column, "time_column": source.time_column}
+        report = import_series(series, overrides, run_dir, imported_from,
+                               source=source.label, noun="column")
+    typer.echo(report.render(), nl=False)
+
+
+def _print_warnings(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(f"runlens: warning: {line}", err=True)
+
+
+# allow_interspersed_args=False: the first argument that is not an option of `record`
+# starts the command, so the program's own options are never read as runlens options.
+@app.command("record", context_settings={"allow_interspersed_args": False})
+def record(
+    command: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="COMMAND",
+                       help="The program to run, such as python train.py --epochs 3."),
+    ] = None,
+    run_dir: Annotated[
+        Optional[Path],
+        typer.Option("--run-dir", metavar="DIR",
+                     help="Run directory to record into; an existing one gets a new "
+                     "segment. Default: runs/<program name>-<UTC time>."),
+    ] = None,
+    param_stats_every: Annotated[
+        int, typer.Option("--param-stats-every", metavar="N", min=1,
+                          help="Steps between per-parameter statistics.")
+    ] = 100,
+    trajectory_every: Annotated[
+        Optional[int],
+        typer.Option("--trajectory-every", metavar="N", min=1,
+                     help="Steps between points of the trajectory table. Default: off."),
+    ] = None,
+    trajectory_seed: Annotated[
+        int, typer.Option("--trajectory-seed", metavar="N", min=0,
+                          help="Seed of the trajectory's random directions.")
+    ] = 0,
+    flush_every: Annotated[
+        int, typer.Option("--flush-every", metavar="N", min=1,
+                          help="Steps between writes of Parquet parts.")
+    ] = 500,
+    flush_seconds: Annotated[
+        float, typer.Option("--flush-seconds", metavar="SECONDS",
+                            help="Seconds between writes of Parquet parts.")
+    ] = 10.0,
+    activations: Annotated[
+        bool, typer.Option("--activations/--no-activations",
+                           help="Record the activations table from forward hooks.")
+    ] = True,
+) -> None:
+    """Run a Python training program with the recorder on, without changing its code."""
+    from runlens.record_command import RecordOptions, run_record
+
+    options = RecordOptions(param_stats_every=param_stats_every,
+                            trajectory_every=trajectory_every, trajectory_seed=trajectory_seed,
+                            flush_every=flush_every, flush_seconds=flush_seconds,
+                            watch_activations=activations)
+    with _input_errors():
+        exit_code = run_record(command or [], run_dir, options)
+    raise typer.Exit(exit_code)
 
 
 def main() -> None:

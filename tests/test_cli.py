@@ -325,6 +325,27 @@ def test_analyze_format_plan_errors(spiking_run: Path, formats: list[str],
     assert result.stdout == ""
 
 
+def test_analyze_output_folder_missing(spiking_run: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "absent" / "report.xml"
+    result = analyze(spiking_run, "--format", "text", "--format", f"json={missing}")
+    assert result.exit_code == 2
+    assert result.stderr == (f"runlens: error: report file {missing}: folder "
+                             f"{missing.parent} does not exist; create it or write the "
+                             "report elsewhere\n")
+    assert result.stdout == ""
+
+
+def test_analyze_output_hard_link_into_run_rejected(spiking_run: Path,
+                                                    tmp_path: Path) -> None:
+    link = tmp_path / "report.json"
+    os.link(spiking_run / "run.json", link)
+    before = tree_digest(spiking_run)
+    result = analyze(spiking_run, "--format", f"json={link}")
+    assert result.exit_code == 2
+    assert "is inside the run directory" in result.stderr
+    assert tree_digest(spiking_run) == before
+
+
 def test_analyze_output_inside_run_rejected(spiking_run: Path) -> None:
     result = analyze(spiking_run, "--output", spiking_run / "report.json")
     assert result.exit_code == 2
