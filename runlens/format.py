@@ -84,7 +84,7 @@ TABLES: dict[str, dict[str, str]] = {
         "numel": "int64",
         "grad_zero_fraction": "float64",
         # True for a parameter split across ranks (FSDP2), whose norms are of this rank's
-        # shard; null for a parameter that each rank holds whole.
+        # shard; null for a parameter that every rank keeps whole.
         "sharded": "bool",
     },
     "tasks": {

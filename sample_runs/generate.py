@@ -984,6 +984,29 @@ def healthy_task_reweight(run_dir: Path, seed: int = 46) -> None:
 # spawning, needs no importable module, so it also works from a test that loaded this
 # file by path.
 
+def _run_two_gloo_ranks(train_rank: Callable[[int], None]) -> None:
+    """Run `train_rank(rank)` in 2 forked processes joined in a gloo process group."""
+    import datetime
+    import socket
+
+    import torch._dynamo  # noqa: F401 - DDP imports it; the forked ranks then share it
+    import torch.distributed as dist
+
+    def run_rank(rank: int, port: int) -> None:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=2, timeout=datetime.timedelta(seconds=60))
+        try:
+            train_rank(rank)
+        finally:
+            dist.destroy_process_group()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(run_rank, args=(port,), nprocs=2,
+                                          start_method="fork")
+
+
 def rank_desync(run_dir: Path, seed: int = 60) -> None:
     """Train with DDP on 2 ranks, where rank 1 re-initializes a hidden layer after the wrap.
 
@@ -991,41 +1014,26 @@ def rank_desync(run_dir: Path, seed: int = 60) -> None:
     the gradients, so both ranks apply the same updates to different weights of that
     layer for the whole run.
     """
-    import datetime
-    import socket
+    def train_rank(rank: int) -> None:
+        data = Blobs(4, _seed(seed))
+        data.generator = torch.Generator().manual_seed(1000 * seed + rank)
+        model = nn.parallel.DistributedDataParallel(_classifier(4))
+        if rank == 1:
+            torch.manual_seed(seed + 1)
+            model.module[3].reset_parameters()
+        optimizer = _adamw(model, lr=3e-3)
+        with runlens.record(run_dir, model=model, optimizer=optimizer,
+                            config={"scenario": "rank-desync"}, timer=FakeClock(0.0),
+                            **_options()) as rec:
+            for _ in range(100):
+                inputs, labels = data.sample(64)
+                loss = F.cross_entropy(model(inputs), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                rec.step(loss)
 
-    import torch._dynamo  # noqa: F401 - DDP imports it; the forked ranks then share it
-    import torch.distributed as dist
-
-    def train_rank(rank: int, port: int) -> None:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=2, timeout=datetime.timedelta(seconds=60))
-        try:
-            data = Blobs(4, _seed(seed))
-            data.generator = torch.Generator().manual_seed(1000 * seed + rank)
-            model = nn.parallel.DistributedDataParallel(_classifier(4))
-            if rank == 1:
-                torch.manual_seed(seed + 1)
-                model.module[3].reset_parameters()
-            optimizer = _adamw(model, lr=3e-3)
-            with runlens.record(run_dir, model=model, optimizer=optimizer,
-                                config={"scenario": "rank-desync"}, timer=FakeClock(0.0),
-                                **_options()) as rec:
-                for _ in range(100):
-                    inputs, labels = data.sample(64)
-                    loss = F.cross_entropy(model(inputs), labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    rec.step(loss)
-        finally:
-            dist.destroy_process_group()
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.start_processes(train_rank, args=(port,), nprocs=2,
-                                          start_method="fork")
+    _run_two_gloo_ranks(train_rank)
 
 
 def straggler_rank(run_dir: Path, seed: int = 61) -> None:
@@ -1046,48 +1054,34 @@ def _train_two_timed_ranks(run_dir: Path, seed: int, *, scenario: str,
     The timings come from a fake timer, so that they reproduce: it advances 1 ms per
     reading, and on rank 1 also by the time of each sleep.
     """
-    import datetime
-    import socket
     import time
 
-    import torch._dynamo  # noqa: F401 - DDP imports it; the forked ranks then share it
-    import torch.distributed as dist
-
-    def train_rank(rank: int, port: int) -> None:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=2, timeout=datetime.timedelta(seconds=60))
+    def train_rank(rank: int) -> None:
         readings = itertools.count()
         slept = 0.0
 
         def timer() -> float:
             return 0.001 * next(readings) + slept
 
-        try:
-            data = Blobs(4, _seed(seed))
-            data.generator = torch.Generator().manual_seed(1000 * seed + rank)
-            model = nn.parallel.DistributedDataParallel(_classifier(4))
-            optimizer = _adamw(model, lr=3e-3)
-            with runlens.record(run_dir, model=model, optimizer=optimizer,
-                                config={"scenario": scenario}, timer=timer,
-                                **_options()) as rec:
-                for _ in range(150):
-                    if rank == 1 and rank_1_sleep:
-                        time.sleep(rank_1_sleep)
-                        slept += rank_1_sleep
-                    inputs, labels = data.sample(64)
-                    loss = F.cross_entropy(model(inputs), labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    rec.step(loss)
-        finally:
-            dist.destroy_process_group()
+        data = Blobs(4, _seed(seed))
+        data.generator = torch.Generator().manual_seed(1000 * seed + rank)
+        model = nn.parallel.DistributedDataParallel(_classifier(4))
+        optimizer = _adamw(model, lr=3e-3)
+        with runlens.record(run_dir, model=model, optimizer=optimizer,
+                            config={"scenario": scenario}, timer=timer,
+                            **_options()) as rec:
+            for _ in range(150):
+                if rank == 1 and rank_1_sleep:
+                    time.sleep(rank_1_sleep)
+                    slept += rank_1_sleep
+                inputs, labels = data.sample(64)
+                loss = F.cross_entropy(model(inputs), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                rec.step(loss)
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.start_processes(train_rank, args=(port,), nprocs=2,
-                                          start_method="fork")
+    _run_two_gloo_ranks(train_rank)
 
 
 SCENARIOS: dict[str, Callable[[Path], None]] = {

@@ -54,7 +54,7 @@ def _clear_state_at(step_to_clear: int, decision: str | None = None):
     return between_steps
 
 
-def test_stale_optimizer_state_reports_state_cleared_mid_run(tmp_path, rules):
+def test_stale_state_cleared_mid_run(tmp_path, rules):
     _train_adam(tmp_path, 100, _clear_state_at(55))
     (finding,) = _findings(tmp_path, rules, "stale-optimizer-state")
     assert (finding.step_start, finding.step_end) == (50, 60)
@@ -62,7 +62,7 @@ def test_stale_optimizer_state_reports_state_cleared_mid_run(tmp_path, rules):
     assert "went down from 51 to 6" in finding.message
 
 
-def test_stale_optimizer_state_accepts_a_recorded_reset(tmp_path, rules):
+def test_stale_state_reset_by_decision(tmp_path, rules):
     _train_adam(tmp_path, 100, _clear_state_at(55, decision="optimizer_state_reset"))
     assert _findings(tmp_path, rules, "stale-optimizer-state") == []
 
@@ -76,24 +76,24 @@ def _pause_backbone(start: int, end: int, decision: str | None = None):
     return between_steps
 
 
-def test_stale_optimizer_state_reports_kept_state_after_a_pause(tmp_path, rules):
+def test_stale_state_kept_after_pause(tmp_path, rules):
     _train_adam(tmp_path, 200, _pause_backbone(40, 140))
     (finding,) = _findings(tmp_path, rules, "stale-optimizer-state")
     assert "state kept for 4 parameters" in finding.message
     assert "freeze at step 40, unfreeze at step 140" in finding.message
 
 
-def test_stale_optimizer_state_accepts_a_recorded_decision_to_keep(tmp_path, rules):
+def test_stale_state_kept_by_decision(tmp_path, rules):
     _train_adam(tmp_path, 200, _pause_backbone(40, 140, decision="optimizer_state_kept"))
     assert _findings(tmp_path, rules, "stale-optimizer-state") == []
 
 
-def test_stale_optimizer_state_ignores_a_pause_shorter_than_min_lag(tmp_path, rules):
+def test_stale_state_short_pause_ignored(tmp_path, rules):
     _train_adam(tmp_path, 120, _pause_backbone(40, 70))
     assert _findings(tmp_path, rules, "stale-optimizer-state") == []
 
 
-def test_stale_optimizer_state_accepts_fresh_state_at_unfreeze(tmp_path, rules):
+def test_stale_state_fresh_at_unfreeze(tmp_path, rules):
     pause = _pause_backbone(40, 140)
 
     def drop_state_when_unfreezing(step, rec, model, optimizer):
@@ -106,7 +106,7 @@ def test_stale_optimizer_state_accepts_fresh_state_at_unfreeze(tmp_path, rules):
     assert _findings(tmp_path, rules, "stale-optimizer-state") == []
 
 
-def test_stale_optimizer_state_ignores_heads_used_in_turn(tmp_path, rules):
+def test_stale_state_heads_in_turn_ignored(tmp_path, rules):
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     with runlens.record(tmp_path, model=model, optimizer=optimizer, param_stats_every=100,
@@ -121,12 +121,12 @@ def test_stale_optimizer_state_ignores_heads_used_in_turn(tmp_path, rules):
     assert _findings(tmp_path, rules, "stale-optimizer-state") == []
 
 
-def test_frozen_param_moved_ignores_a_freeze_that_clears_gradients(tmp_path, rules):
+def test_frozen_param_cleared_grads_silent(tmp_path, rules):
     _train_adam(tmp_path, 100, _pause_backbone(30, 1000))
     assert _findings(tmp_path, rules, "frozen-param-moved") == []
 
 
-def test_frozen_param_moved_reports_adam_stepping_frozen_zero_gradients(tmp_path, rules):
+def test_frozen_param_adam_zero_grads_moves(tmp_path, rules):
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     with runlens.record(tmp_path, model=model, optimizer=optimizer, param_stats_every=10,

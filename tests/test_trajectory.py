@@ -253,7 +253,7 @@ def test_probe_keeps_no_parameter_copies(tmp_path):
         optimizer.zero_grad()
         rec.step(loss)
 
-    # Between steps the probe holds the parameters themselves and nothing tensor-sized.
+    # Between steps the probe keeps references to the parameters and no tensor of their size.
     probe = rec._trajectory
     held: list[torch.Tensor] = []
     _tensors_in(vars(probe), held, set())

@@ -78,7 +78,7 @@ class LossWeightWatcher:
 
     Weights are compared with those of the last event, so that gradual drift adds up to a
     change. Tensor weights are not compared, since reading them would synchronize; the
-    `losses` table still holds their values.
+    `losses` table still contains their values.
     """
 
     def __init__(self, emit: Emit) -> None:
